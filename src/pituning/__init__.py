@@ -1,0 +1,48 @@
+"""pituning: π-Tuning (Predict-Interpolate Tuning) for foundation models, in PyTorch Lightning.
+
+Importing pituning imports torch but not Lightning, transformers model code, PEFT, matplotlib or vision packages.
+"""
+
+from pituning.backbones import Backbone, BackboneDescription, BackboneInfo, InsertionPoint, describe, load_backbone
+from pituning.errors import (
+    BackboneError,
+    ConfigError,
+    ExpertError,
+    InterpolationError,
+    PiTuningError,
+    UnsupportedExpertError,
+)
+from pituning.experts import (
+    EXPERT_KINDS,
+    AdapterConfig,
+    ExpertConfig,
+    LoraConfig,
+    PrefixConfig,
+    config_from_dict,
+)
+from pituning.model import ExpertModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EXPERT_KINDS",
+    "AdapterConfig",
+    "Backbone",
+    "BackboneDescription",
+    "BackboneError",
+    "BackboneInfo",
+    "ConfigError",
+    "ExpertConfig",
+    "ExpertError",
+    "ExpertModel",
+    "InsertionPoint",
+    "InterpolationError",
+    "LoraConfig",
+    "PiTuningError",
+    "PrefixConfig",
+    "UnsupportedExpertError",
+    "__version__",
+    "config_from_dict",
+    "describe",
+    "load_backbone",
+]

@@ -1,0 +1,40 @@
+"""The pituning exception hierarchy.
+
+Every error pituning raises on bad input derives from :class:`PiTuningError`, so callers can catch one class.
+Messages name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackboneError",
+    "ConfigError",
+    "ExpertError",
+    "InterpolationError",
+    "PiTuningError",
+    "UnsupportedExpertError",
+]
+
+
+class PiTuningError(Exception):
+    """Base class of every pituning error."""
+
+
+class ConfigError(PiTuningError, ValueError):
+    """An option has an invalid value (the message names the option and the allowed values)."""
+
+
+class BackboneError(PiTuningError):
+    """A backbone cannot be loaded or described, or a target module is not in it."""
+
+
+class UnsupportedExpertError(BackboneError):
+    """The backbone cannot host this kind of expert (for example a prefix on a CNN)."""
+
+
+class ExpertError(PiTuningError):
+    """An expert is missing, duplicated, or its weights do not fit the model."""
+
+
+class InterpolationError(ExpertError):
+    """Experts cannot be interpolated together (different kinds, shapes or insertion points)."""

@@ -1,0 +1,127 @@
+"""LoRA host: the low-rank update of one linear or convolution module."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+from pituning.backbones import feature_dims
+from pituning.experts.base import ExpertConfig, ExpertHost, unsupported
+from pituning.experts.lora.config import LoraConfig
+from pituning.interpolation import lora_concat, svd_factorize
+
+__all__ = ["LoraHost"]
+
+
+class LoraHost(ExpertHost):
+    """Named LoRA experts of one module.
+
+    ``lora_A[name]`` has shape ``(r, fan_in)`` and ``lora_B[name]`` ``(fan_out, r)``. For ``nn.Linear`` and GPT-2's
+    ``Conv1D``, ``fan_in``/``fan_out`` are the feature sizes; for convolutions (``nn.Conv1d/2d/3d`` and subclasses such
+    as EfficientNet's ``Conv2dStaticSamePadding``) ``fan_in = in_channels / groups * prod(kernel_size)`` and the update
+    ``B @ A`` is reshaped to the kernel. Several active experts add their updates; an interpolated pool adds
+    ``sum_i alpha_i s_i B_i A_i`` (the updates, never A and B separately).
+    """
+
+    kind = "lora"
+    attr = "pi_lora"
+    param_names = ("lora_A", "lora_B")
+
+    def __init__(self, module_name: str) -> None:
+        super().__init__(module_name)
+        self.conv = False
+        self.weight_shape: tuple[int, ...] = ()
+        self.plain_conv = False
+
+    def plan(self, module: nn.Module, config: ExpertConfig) -> dict[str, Any]:
+        assert isinstance(config, LoraConfig)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            weight = module.weight
+            return {
+                "conv": True,
+                "fan_in": int(weight.shape[1] * math.prod(weight.shape[2:])),
+                "fan_out": int(weight.shape[0]),
+                "weight_shape": tuple(weight.shape),
+                "plain_conv": type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward),
+            }
+        fan_in, fan_out = feature_dims(module)
+        if fan_in is None or fan_out is None:
+            raise unsupported(
+                "lora",
+                self.module_name,
+                module,
+                "LoRA targets nn.Linear, convolutions and GPT-2 Conv1D layers; point target_modules at those.",
+            )
+        return {"conv": False, "fan_in": fan_in, "fan_out": fan_out, "weight_shape": (), "plain_conv": False}
+
+    def create(self, config: ExpertConfig, plan: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
+        assert isinstance(config, LoraConfig)
+        self.conv = bool(plan["conv"])
+        self.weight_shape = tuple(plan["weight_shape"])
+        self.plain_conv = bool(plan["plain_conv"])
+        a = torch.empty(config.r, plan["fan_in"], device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default for A
+        b = torch.zeros(plan["fan_out"], config.r, device=device)
+        return {"lora_A": a, "lora_B": b}
+
+    # ----------------------------------------------------------------- math
+    def _factors(self, names: tuple[str, ...], alpha: Tensor | None) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, dropout)`` with ``B @ A`` equal to the (weighted) sum of the experts' scaled updates."""
+        a_dict, b_dict = self.params("lora_A"), self.params("lora_B")
+        configs = [self.configs[n] for n in names]
+        scales = torch.tensor([c.scaling for c in configs if isinstance(c, LoraConfig)], dtype=torch.float32)
+        coef = scales.to(a_dict[names[0]].device) if alpha is None else alpha * scales.to(alpha.device)
+        dropout = max(c.dropout for c in configs if isinstance(c, LoraConfig))
+        if len(names) == 1:
+            return a_dict[names[0]], b_dict[names[0]] * coef[0], dropout
+        a, b = lora_concat([a_dict[n] for n in names], [b_dict[n] for n in names], coef)
+        return a, b, dropout
+
+    def collapse(self, rank: int | None = None) -> dict[str, Tensor]:
+        names, alpha = self.selection()
+        a, b, _ = self._factors(names, alpha)
+        a, b = a.detach().float(), b.detach().float()
+        if rank is not None:
+            a, b = svd_factorize(b @ a, rank)
+        return {"lora_A": a.clone(), "lora_B": b.clone()}
+
+    def delta_weight(self) -> Tensor:
+        """The current update ``Delta W`` in the layout of the module's weight (``(out, in)`` for Linear)."""
+        names, alpha = self.selection()
+        a, b, _ = self._factors(names, alpha)
+        delta = b @ a
+        return delta.view(self.weight_shape) if self.conv else delta
+
+    def apply_experts(
+        self, module: nn.Module, args: tuple[Any, ...], output: Any, names: tuple[str, ...], alpha: Tensor | None
+    ) -> Any:
+        x = args[0]
+        a, b, p = self._factors(names, alpha)
+        if p > 0.0:
+            x = F.dropout(x, p=p, training=self.training)
+        a = a.to(x.dtype)
+        b = b.to(x.dtype)
+        if not self.conv:
+            return output + (x @ a.t()) @ b.t()
+        delta = (b @ a).view(self.weight_shape)
+        if self.plain_conv:
+            assert isinstance(module, nn.modules.conv._ConvNd)
+            return output + module._conv_forward(x, delta, None)  # type: ignore[operator]
+        # A Conv subclass may pad or reshape inside its forward: run that forward with the update as its weight.
+        # Hosts skip this inner call (see ExpertHost._forward_hook).
+        overrides = {"weight": delta}
+        if getattr(module, "bias", None) is not None:
+            overrides["bias"] = torch.zeros_like(module.bias)  # type: ignore[arg-type]
+        module._pi_inner_call = True
+        try:
+            return output + torch.func.functional_call(module, overrides, (x,))
+        finally:
+            module._pi_inner_call = False
+
+
+LoraConfig.host_cls = LoraHost

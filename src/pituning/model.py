@@ -1,0 +1,129 @@
+"""``ExpertModel``: a frozen backbone with named, interpolable experts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from pituning.backbones import Backbone, BackboneDescription, BackboneInfo, load_backbone
+from pituning.experts import inject
+from pituning.experts.base import ExpertConfig
+
+__all__ = ["ExpertModel"]
+
+
+class ExpertModel(nn.Module):
+    """A frozen backbone that hosts named experts: add, activate, interpolate, collapse, save and load them.
+
+    ``forward`` calls the backbone unchanged; the experts act through the modules they are attached to.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> from pituning import ExpertModel, LoraConfig
+        >>> model = ExpertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                                intermediate_size=37, vocab_size=99))
+        >>> len(model.add_expert("task_a", LoraConfig(r=4)))  # q, k, v, o of 2 layers
+        8
+        >>> model.add_expert("task_b", LoraConfig(r=4)) and None
+        >>> model.interpolate(["task_a", "task_b"]) and None
+        >>> model.collapse("task_ab").r
+        8
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | nn.Module | str | Path | Any,
+        *,
+        description: BackboneDescription | None = None,
+        **load_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, Backbone):
+            backbone = load_backbone(backbone, description=description, **load_kwargs)
+        self.backbone = backbone.model
+        self.info: BackboneInfo = backbone.info
+        self.source = backbone.source
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.backbone(*args, **kwargs)
+
+    # ------------------------------------------------------------------ experts
+    def add_expert(self, name: str, config: ExpertConfig, *, activate: bool = True, trainable: bool = True) -> list[str]:
+        """Inject a new expert; see :func:`pituning.experts.add_expert`. Returns the modules it attached to.
+
+        With ``trainable`` (default) its parameters require gradients; everything else keeps its state.
+        """
+        targets = inject.add_expert(self.backbone, name, config, self.info, activate=activate)
+        if not trainable:
+            for param in self.expert_parameters(name).values():
+                param.requires_grad_(False)
+        return targets
+
+    def remove_expert(self, name: str) -> None:
+        """Delete an expert from every module."""
+        inject.remove_expert(self.backbone, name)
+
+    @property
+    def experts(self) -> dict[str, ExpertConfig]:
+        """Expert name -> config."""
+        return inject.expert_configs(self.backbone)
+
+    @property
+    def active(self) -> list[str]:
+        """The active experts (the pool while interpolating)."""
+        return inject.active_experts(self.backbone)
+
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Make exactly ``names`` active; ends interpolation."""
+        inject.set_active(self.backbone, names)
+
+    def expert_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Full parameter name -> parameter of expert ``name``."""
+        suffix = f".{name}"
+        return {n: p for n, p in self.named_parameters() if ".pi_" in n and n.endswith(suffix)}
+
+    # ------------------------------------------------------------------ interpolation
+    def interpolate(self, pool: Sequence[str]) -> dict[str, int]:
+        """Interpolate ``pool`` with learnable softmax logits per insertion point, equal at init."""
+        return inject.start_interpolation(self.backbone, pool)
+
+    def interpolation_parameters(self) -> dict[str, nn.Parameter]:
+        """Full parameter name -> interpolation logits."""
+        return {n: p for n, p in self.named_parameters() if n.endswith("_logits") and ".pi_" in n}
+
+    def interpolation_weights(self) -> dict[str, dict[str, float]]:
+        """Module name -> {expert: alpha}."""
+        return inject.interpolation_weights(self.backbone)
+
+    def collapse(self, name: str, *, rank: int | None = None, activate: bool = True) -> ExpertConfig:
+        """Collapse the interpolated pool into one plain expert; see :func:`pituning.experts.collapse`."""
+        return inject.collapse(self.backbone, name, rank=rank, activate=activate)
+
+    def merge(self, name: str) -> None:
+        """Add a LoRA expert's update into the backbone weights and delete it."""
+        inject.merge_expert(self.backbone, name)
+
+    # ------------------------------------------------------------------ training and state
+    def set_trainable(
+        self,
+        experts: Sequence[str] | None = None,
+        *,
+        interpolation: bool = True,
+        bitfit: bool = False,
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        """Freeze all but the chosen parameters; see :func:`pituning.experts.set_trainable`."""
+        return inject.set_trainable(self.backbone, experts, interpolation=interpolation, bitfit=bitfit, extra=extra)
+
+    def expert_state_dict(self, name: str) -> dict[str, Tensor]:
+        """The weights of one expert, keyed independently of its name."""
+        return inject.expert_state_dict(self.backbone, name)
+
+    def load_expert(
+        self, name: str, config: ExpertConfig, state_dict: Mapping[str, Tensor], *, activate: bool = True
+    ) -> None:
+        """Inject expert ``name`` with saved weights (shapes and kind checked; nothing changes on error)."""
+        inject.load_expert(self.backbone, name, config, state_dict, self.info, activate=activate)
