@@ -27,7 +27,7 @@ class Family:
         out = model(**inputs)
         if isinstance(out, Tensor):
             return out
-        for key in ("last_hidden_state", "logits", "text_embeds"):
+        for key in ("last_hidden_state", "logits", "logits_per_text"):
             value = getattr(out, key, None)
             if isinstance(value, Tensor):
                 return value

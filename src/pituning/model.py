@@ -18,7 +18,9 @@ __all__ = ["ExpertModel"]
 class ExpertModel(nn.Module):
     """A frozen backbone that hosts named experts: add, activate, interpolate, collapse, save and load them.
 
-    ``forward`` calls the backbone unchanged; the experts act through the modules they are attached to.
+    ``forward`` calls the backbone unchanged; the experts act through the modules they are attached to. Parameter
+    names are relative to this module (``backbone.`` first); module names (insertion points, interpolation weights)
+    are relative to the backbone, as in :attr:`info`.
 
     Example:
         >>> from transformers import BertConfig
@@ -115,8 +117,13 @@ class ExpertModel(nn.Module):
         bitfit: bool = False,
         extra: Sequence[str] = (),
     ) -> list[str]:
-        """Freeze all but the chosen parameters; see :func:`pituning.experts.set_trainable`."""
-        return inject.set_trainable(self.backbone, experts, interpolation=interpolation, bitfit=bitfit, extra=extra)
+        """Freeze all but the chosen parameters; see :func:`pituning.experts.set_trainable`.
+
+        Returns:
+            Names of the trainable parameters, relative to this module (``backbone.`` first).
+        """
+        names = inject.set_trainable(self.backbone, experts, interpolation=interpolation, bitfit=bitfit, extra=extra)
+        return [f"backbone.{n}" for n in names]
 
     def expert_state_dict(self, name: str) -> dict[str, Tensor]:
         """The weights of one expert, keyed independently of its name."""

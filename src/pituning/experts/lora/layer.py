@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch.nn import functional as F  # noqa: N812
 from pituning.backbones import feature_dims
 from pituning.experts.base import ExpertConfig, ExpertHost, unsupported
 from pituning.experts.lora.config import LoraConfig
-from pituning.interpolation import lora_concat, svd_factorize
+from pituning.interpolation import lora_concat, lora_delta, svd_factorize
 
 __all__ = ["LoraHost"]
 
@@ -69,46 +69,47 @@ class LoraHost(ExpertHost):
         b = torch.zeros(plan["fan_out"], config.r, device=device)
         return {"lora_A": a, "lora_B": b}
 
+    def check_compatible(self, pool: Sequence[str]) -> None:
+        """LoRA experts of any ranks and scalings interpolate: their updates all have this module's shape."""
+
     # ----------------------------------------------------------------- math
-    def _factors(self, names: tuple[str, ...], alpha: Tensor | None) -> tuple[Tensor, Tensor, float]:
-        """``(A, B, dropout)`` with ``B @ A`` equal to the (weighted) sum of the experts' scaled updates."""
+    def _terms(self, names: tuple[str, ...], alpha: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor, float]:
+        """``(A_i, B_i, coef, dropout)``: the update is ``sum_i coef_i B_i A_i`` (coef = alpha_i * s_i, or s_i)."""
         a_dict, b_dict = self.params("lora_A"), self.params("lora_B")
         configs = [self.configs[n] for n in names]
         scales = torch.tensor([c.scaling for c in configs if isinstance(c, LoraConfig)], dtype=torch.float32)
-        coef = scales.to(a_dict[names[0]].device) if alpha is None else alpha * scales.to(alpha.device)
+        device = a_dict[names[0]].device
+        coef = scales.to(device) if alpha is None else alpha * scales.to(alpha.device)
         dropout = max(c.dropout for c in configs if isinstance(c, LoraConfig))
-        if len(names) == 1:
-            return a_dict[names[0]], b_dict[names[0]] * coef[0], dropout
-        a, b = lora_concat([a_dict[n] for n in names], [b_dict[n] for n in names], coef)
-        return a, b, dropout
+        return [a_dict[n] for n in names], [b_dict[n] for n in names], coef, dropout
 
     def collapse(self, rank: int | None = None) -> dict[str, Tensor]:
-        names, alpha = self.selection()
-        a, b, _ = self._factors(names, alpha)
-        a, b = a.detach().float(), b.detach().float()
+        a_list, b_list, coef, _ = self._terms(*self.selection())
+        a, b = lora_concat([t.detach().float() for t in a_list], [t.detach().float() for t in b_list], coef.detach())
         if rank is not None:
             a, b = svd_factorize(b @ a, rank)
         return {"lora_A": a.clone(), "lora_B": b.clone()}
 
     def delta_weight(self) -> Tensor:
         """The current update ``Delta W`` in the layout of the module's weight (``(out, in)`` for Linear)."""
-        names, alpha = self.selection()
-        a, b, _ = self._factors(names, alpha)
-        delta = b @ a
+        a_list, b_list, coef, _ = self._terms(*self.selection())
+        delta = lora_delta(a_list, b_list, coef)
         return delta.view(self.weight_shape) if self.conv else delta
 
     def apply_experts(
         self, module: nn.Module, args: tuple[Any, ...], output: Any, names: tuple[str, ...], alpha: Tensor | None
     ) -> Any:
         x = args[0]
-        a, b, p = self._factors(names, alpha)
+        a_list, b_list, coef, p = self._terms(names, alpha)
         if p > 0.0:
             x = F.dropout(x, p=p, training=self.training)
-        a = a.to(x.dtype)
-        b = b.to(x.dtype)
+        coef = coef.to(x.dtype)
         if not self.conv:
-            return output + (x @ a.t()) @ b.t()
-        delta = (b @ a).view(self.weight_shape)
+            # One term per expert (not one concatenated matmul) so that one-hot weights give the single expert exactly.
+            for i, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
+                output = output + (x @ a.to(x.dtype).t()) @ (b.to(x.dtype) * coef[i]).t()
+            return output
+        delta = lora_delta([a.to(x.dtype) for a in a_list], [b.to(x.dtype) for b in b_list], coef).view(self.weight_shape)
         if self.plain_conv:
             assert isinstance(module, nn.modules.conv._ConvNd)
             return output + module._conv_forward(x, delta, None)  # type: ignore[operator]
