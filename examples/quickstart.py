@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
 
 import pituning
 
@@ -123,6 +122,7 @@ class Classifier:
 
         self.model = pituning.ExpertModel(pituning.load_backbone(model_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.start = time.perf_counter()
 
     def logits(self, head: nn.Linear, texts: Sequence[str]) -> Tensor:
         """Class logits ``(batch, classes)`` of ``texts`` through the model's current experts."""
@@ -154,12 +154,15 @@ class Classifier:
         loss = torch.zeros(())
         for step in range(1, steps + 1):
             batch = next(batches)
-            loss = F.cross_entropy(self.logits(head, [e.text for e in batch]), torch.tensor([e.label for e in batch]))
+            loss = nn.functional.cross_entropy(
+                self.logits(head, [e.text for e in batch]), torch.tensor([e.label for e in batch])
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if step == 1 or step % 10 == 0 or step == steps:
-                print(f"  [{tag}] step {step:3d}/{steps}  loss {loss.item():.4f}", flush=True)
+                elapsed = time.perf_counter() - self.start
+                print(f"  [{tag}] step {step:3d}/{steps}  loss {loss.item():.4f}  ({elapsed:.0f} s)", flush=True)
         return loss.item()
 
 

@@ -77,7 +77,12 @@ def _cfg(kind: str) -> Any:
         return T.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37)
     if kind == "vit":
         return T.ViTConfig(
-            image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+            image_size=16,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
         )
     if kind == "clip":
         return T.CLIPConfig(
@@ -92,7 +97,12 @@ def _cfg(kind: str) -> Any:
                 pad_token_id=0,
             ),
             vision_config=dict(
-                image_size=16, patch_size=8, hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+                image_size=16,
+                patch_size=8,
+                hidden_size=24,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
             ),
             projection_dim=16,
         )

@@ -25,7 +25,8 @@ def test_registry_has_the_three_kinds() -> None:
 
 
 @pytest.mark.parametrize(
-    "config", [LoraConfig(r=3, include_mlp=True), AdapterConfig(bottleneck=7, activation="gelu"), PrefixConfig(num_tokens=5)]
+    "config",
+    [LoraConfig(r=3, include_mlp=True), AdapterConfig(bottleneck=7, activation="gelu"), PrefixConfig(num_tokens=5)],
 )
 def test_config_round_trips_through_json(config: object) -> None:
     data = json.loads(json.dumps(config.to_dict()))  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ network is described with a few regular expressions over its module names.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,9 @@ class BackboneDescription:
         return re.compile(raw) if raw is not None else None
 
 
-def _attention_roles(layer: str, q: str, k: str, v: str, o: str, ffn_in: str, ffn_out: str, attn: str) -> dict[str, str]:
+def _attention_roles(
+    layer: str, q: str, k: str, v: str, o: str, ffn_in: str, ffn_out: str, attn: str
+) -> dict[str, str]:
     return {
         "blocks": _P + layer,
         "query": _P + layer + r"\." + q,
@@ -181,7 +183,14 @@ PRESETS: dict[str, BackboneDescription] = {
             r"mlp\.fc2",
             r"self_attn",
         ),
-        model_types=("clip", "clip_text_model", "clip_vision_model", "siglip", "siglip_text_model", "siglip_vision_model"),
+        model_types=(
+            "clip",
+            "clip_text_model",
+            "clip_vision_model",
+            "siglip",
+            "siglip_text_model",
+            "siglip_vision_model",
+        ),
     ),
     "t5": BackboneDescription(
         family="t5",
@@ -308,7 +317,7 @@ def feature_dims(module: nn.Module) -> tuple[int | None, int | None]:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
-        return int(weight.shape[0]), int(module.nf)
+        return int(weight.shape[0]), int(getattr(module, "nf"))  # noqa: B009 - nf is not typed on nn.Module
     return None, None
 
 
@@ -500,6 +509,7 @@ def load_efficientnet_lite(
             f"{weights} does not fit {name}: missing {bad_missing[:5]}, unexpected {list(unexpected)[:5]}; "
             "pass the weights file of the same model name."
         )
+    assert isinstance(model, nn.Module)
     return model
 
 
@@ -569,4 +579,3 @@ def load_backbone(
     if dtype is not None:
         model = model.to(dtype)
     return Backbone.from_module(model, description, source=source)
-

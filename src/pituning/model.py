@@ -53,7 +53,9 @@ class ExpertModel(nn.Module):
         return self.backbone(*args, **kwargs)
 
     # ------------------------------------------------------------------ experts
-    def add_expert(self, name: str, config: ExpertConfig, *, activate: bool = True, trainable: bool = True) -> list[str]:
+    def add_expert(
+        self, name: str, config: ExpertConfig, *, activate: bool = True, trainable: bool = True
+    ) -> list[str]:
         """Inject a new expert; see :func:`pituning.experts.add_expert`. Returns the modules it attached to.
 
         With ``trainable`` (default) its parameters require gradients; everything else keeps its state.

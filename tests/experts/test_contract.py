@@ -16,9 +16,7 @@ KINDS: dict[str, ExpertConfig] = {
     "adapter": AdapterConfig(bottleneck=8),
     "prefix": PrefixConfig(num_tokens=3),
 }
-CASES = [
-    pytest.param(f, k, id=f"{k}-{f}") for f in FAMILIES for k in KINDS if FAMILIES[f].prefix or k != "prefix"
-]
+CASES = [pytest.param(f, k, id=f"{k}-{f}") for f in FAMILIES for k in KINDS if FAMILIES[f].prefix or k != "prefix"]
 
 
 def _model(family: Family) -> ExpertModel:

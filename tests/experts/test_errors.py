@@ -119,7 +119,9 @@ def test_shape_mismatch_on_load_names_the_key() -> None:
     state = source.expert_state_dict("a")
     model = _bert()
     snap = _snapshot(model)
-    with pytest.raises(ExpertError, match=r"Shape mismatch for '.*lora_A' of expert 'b': saved \(4, 32\), model expects \(8, 32\)"):
+    with pytest.raises(
+        ExpertError, match=r"Shape mismatch for '.*lora_A' of expert 'b': saved \(4, 32\), model expects \(8, 32\)"
+    ):
         model.load_expert("b", LoraConfig(r=8), state)
     _assert_unchanged(model, snap)
 

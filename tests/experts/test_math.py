@@ -112,7 +112,9 @@ def test_adapter_formula_and_interpolation_is_the_adapter_of_averaged_parameters
 def test_lora_on_a_conv_subclass_equals_the_updated_kernel() -> None:
     torch.manual_seed(0)
     cnn = TinyCNN().eval()
-    model = ExpertModel(Backbone.from_module(cnn, BackboneDescription("c", {"k": r"blocks\.0\.conv"}, lora_roles=("k",))))
+    model = ExpertModel(
+        Backbone.from_module(cnn, BackboneDescription("c", {"k": r"blocks\.0\.conv"}, lora_roles=("k",)))
+    )
     model.add_expert("a", LoraConfig(r=3, alpha=3))
     _randomize(model, "a", 5)
     conv = cnn.blocks[0].conv

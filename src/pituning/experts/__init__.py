@@ -1,7 +1,14 @@
 """Expert kinds (adapter, LoRA, prefix), their registry, and the functions that inject and combine them."""
 
 from pituning.experts.adapter import AdapterConfig, AdapterHost
-from pituning.experts.base import EXPERT_KINDS, ExpertConfig, ExpertHost, config_from_dict, iter_hosts, register_expert_kind
+from pituning.experts.base import (
+    EXPERT_KINDS,
+    ExpertConfig,
+    ExpertHost,
+    config_from_dict,
+    iter_hosts,
+    register_expert_kind,
+)
 from pituning.experts.inject import (
     active_experts,
     add_expert,

@@ -297,9 +297,7 @@ def module_device(module: nn.Module) -> torch.device:
 
 def unsupported(kind: str, module_name: str, module: nn.Module, fix: str) -> UnsupportedExpertError:
     """The error for a module that cannot host ``kind``."""
-    return UnsupportedExpertError(
-        f"{module_name} ({type(module).__name__}) cannot host a {kind} expert; {fix}"
-    )
+    return UnsupportedExpertError(f"{module_name} ({type(module).__name__}) cannot host a {kind} expert; {fix}")
 
 
 def positive(value: float, option: str, *, allow_zero: bool = False) -> None:

@@ -321,8 +321,8 @@ def load_expert(
         unexpected = sorted(set(state_dict) - set(expected))
         if missing or unexpected:
             raise ExpertError(
-                f"Weights for expert {name!r} do not fit the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. Check that the config "
+                f"Weights for expert {name!r} do not fit the model: missing {_few(missing)}, unexpected "
+                f"{_few(unexpected)}. Check that the config "
                 "(target_modules, include_mlp) and the backbone are the ones the expert was trained with."
             )
         for key, param in expected.items():
@@ -339,6 +339,10 @@ def load_expert(
     except BaseException:
         remove_expert(model, name)
         raise
+
+
+def _few(keys: Sequence[str], n: int = 3) -> str:
+    return f"{list(keys[:n])}{' ...' if len(keys) > n else ''}"
 
 
 def bitfit_parameter_names(model: nn.Module) -> list[str]:

