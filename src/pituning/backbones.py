@@ -10,6 +10,7 @@ network is described with a few regular expressions over its module names.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,9 +28,11 @@ __all__ = [
     "Backbone",
     "BackboneDescription",
     "BackboneInfo",
+    "Fingerprint",
     "InsertionPoint",
     "describe",
     "feature_dims",
+    "fingerprint",
     "freeze",
     "load_backbone",
     "load_efficientnet_lite",
@@ -425,6 +428,44 @@ def _sample_names(model: nn.Module, n: int = 6) -> list[str]:
     names = [name for name, _ in model.named_modules() if name]
     step = max(1, len(names) // n)
     return names[::step][:n]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identity of a frozen backbone: its structure and (bf16-rounded) weights."""
+
+    structure: str
+    """sha256 over the names and shapes of its floating-point state (expert parameters excluded)."""
+    weights: str
+    """sha256 over its floating-point state rounded to bf16, so fp32 and bf16 copies of one checkpoint agree."""
+    num_parameters: int
+    """Number of parameters (expert parameters excluded)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"structure": self.structure, "weights": self.weights, "num_parameters": self.num_parameters}
+
+
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """Fingerprint the backbone ``model`` (expert hosts, named ``*.pi_*``, are left out).
+
+    Example:
+        >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        >>> fingerprint(a).structure == fingerprint(b).structure, fingerprint(a).weights == fingerprint(b).weights
+        (True, False)
+    """
+    structure, weights = hashlib.sha256(), hashlib.sha256()
+    count = 0
+    for name, tensor in model.state_dict().items():
+        if ".pi_" in name or not tensor.is_floating_point():
+            continue
+        structure.update(f"{name}:{tuple(tensor.shape)};".encode())
+        rounded = tensor.detach().to("cpu", torch.bfloat16).contiguous()
+        weights.update(rounded.view(torch.int16).numpy().tobytes())
+    for name, param in model.named_parameters():
+        if ".pi_" not in name:
+            count += param.numel()
+    return Fingerprint(structure.hexdigest(), weights.hexdigest(), count)
 
 
 def freeze(model: nn.Module) -> nn.Module:

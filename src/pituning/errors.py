@@ -8,6 +8,9 @@ from __future__ import annotations
 
 __all__ = [
     "BackboneError",
+    "BackboneMismatchError",
+    "BankCorruptionError",
+    "BankError",
     "ConfigError",
     "ExpertError",
     "InterpolationError",
@@ -38,3 +41,15 @@ class ExpertError(PiTuningError):
 
 class InterpolationError(ExpertError):
     """Experts cannot be interpolated together (different kinds, shapes or insertion points)."""
+
+
+class BankError(PiTuningError):
+    """An expert bank operation failed (unknown entry, name taken, bad location)."""
+
+
+class BankCorruptionError(BankError):
+    """A bank file does not match its recorded sha256 or cannot be parsed (the message names the file)."""
+
+
+class BackboneMismatchError(BankError):
+    """An expert was trained on another backbone than the one it is being loaded into."""

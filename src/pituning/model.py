@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pituning.backbones import Backbone, BackboneDescription, BackboneInfo, load_backbone
+from pituning.backbones import Backbone, BackboneDescription, BackboneInfo, Fingerprint, fingerprint, load_backbone
 from pituning.experts import inject
 from pituning.experts.base import ExpertConfig
 
@@ -48,6 +48,7 @@ class ExpertModel(nn.Module):
         self.backbone = backbone.model
         self.info: BackboneInfo = backbone.info
         self.source = backbone.source
+        self._fingerprint: Fingerprint | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.backbone(*args, **kwargs)
@@ -109,6 +110,13 @@ class ExpertModel(nn.Module):
     def merge(self, name: str) -> None:
         """Add a LoRA expert's update into the backbone weights and delete it."""
         inject.merge_expert(self.backbone, name)
+        self._fingerprint = None  # the backbone weights changed
+
+    def fingerprint(self) -> Fingerprint:
+        """The frozen backbone's fingerprint (computed once; experts are left out)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.backbone)
+        return self._fingerprint
 
     # ------------------------------------------------------------------ training and state
     def set_trainable(
@@ -130,6 +138,10 @@ class ExpertModel(nn.Module):
     def expert_state_dict(self, name: str) -> dict[str, Tensor]:
         """The weights of one expert, keyed independently of its name."""
         return inject.expert_state_dict(self.backbone, name)
+
+    def expert_modules(self, name: str) -> dict[str, dict[str, Any]]:
+        """Module name -> its class and host layout (what exporters need), for every module of expert ``name``."""
+        return inject.expert_modules(self.backbone, name)
 
     def load_expert(
         self, name: str, config: ExpertConfig, state_dict: Mapping[str, Tensor], *, activate: bool = True

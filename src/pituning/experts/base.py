@@ -254,6 +254,10 @@ class ExpertHost(nn.Module, ABC):
             raise InterpolationError(f"{self.module_name} is not interpolating; call interpolate(pool) first.")
         return mixing_weights(logits)
 
+    def layout(self) -> dict[str, Any]:
+        """What an exporter needs to know about this module beyond the tensors (JSON-ready)."""
+        return {}
+
     @abstractmethod
     def collapse(self, rank: int | None = None) -> dict[str, Tensor]:
         """Tensors of one plain expert equal to the current interpolation (``rank``: LoRA only)."""

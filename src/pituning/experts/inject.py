@@ -24,6 +24,7 @@ __all__ = [
     "bitfit_parameter_names",
     "collapse",
     "expert_configs",
+    "expert_modules",
     "expert_state_dict",
     "interpolation_weights",
     "load_expert",
@@ -284,6 +285,11 @@ def expert_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
         for pname, param in host.expert_tensors(name).items():
             out[f"{module_name}.{host.attr}.{pname}"] = param.detach().clone()
     return out
+
+
+def expert_modules(model: nn.Module, name: str) -> dict[str, dict[str, Any]]:
+    """Module name -> ``{"type": class name, **host layout}`` of every module expert ``name`` is attached to."""
+    return {m: {"type": type(mod).__name__, **host.layout()} for m, mod, host in _hosts_of(model, name)}
 
 
 def load_expert(

@@ -69,6 +69,9 @@ class LoraHost(ExpertHost):
         b = torch.zeros(plan["fan_out"], config.r, device=device)
         return {"lora_A": a, "lora_B": b}
 
+    def layout(self) -> dict[str, Any]:
+        return {"conv": self.conv, "weight_shape": list(self.weight_shape), "plain_conv": self.plain_conv}
+
     def check_compatible(self, pool: Sequence[str]) -> None:
         """LoRA experts of any ranks and scalings interpolate: their updates all have this module's shape."""
 

@@ -1,0 +1,164 @@
+"""The ``pituning`` command.
+
+``pituning bank list | show | remove | verify | import-peft | export-peft`` manage an expert bank. ``main(args)`` is
+callable from tests and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jsonargparse import ArgumentParser, Namespace
+
+from pituning.errors import PiTuningError
+
+__all__ = ["build_parser", "main"]
+
+
+def _bank_parser(help_text: str) -> ArgumentParser:
+    parser = ArgumentParser(description=help_text)
+    parser.add_argument("--bank", required=True, help="Bank directory or fsspec URL (memory://, s3://...).")
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The full argument parser (subcommands and their options)."""
+    parser = ArgumentParser(prog="pituning", description="π-Tuning: experts, task similarity and interpolation.")
+    commands = parser.add_subcommands(dest="command", required=True)
+
+    bank = ArgumentParser(description="Manage an expert bank.")
+    commands.add_subcommand("bank", bank, help="Manage an expert bank.")
+    sub = bank.add_subcommands(dest="action", required=True)
+
+    listing = _bank_parser("List experts, optionally filtered.")
+    listing.add_argument("--modality", default=None, help="Only this modality (text, vision, vision-language).")
+    listing.add_argument("--kind", default=None, help="Only this expert kind (lora, adapter, prefix).")
+    listing.add_argument("--task", default=None, help="Only this task name.")
+    listing.add_argument("--backbone", default=None, help="Only this backbone source or structure fingerprint prefix.")
+    listing.add_argument("--json", action="store_true", help="Print JSON lines instead of a table.")
+    sub.add_subcommand("list", listing, help="List experts.")
+
+    show = _bank_parser("Show one expert's metadata and files.")
+    show.add_argument("name", help="Expert name.")
+    sub.add_subcommand("show", show, help="Show one expert.")
+
+    remove = _bank_parser("Delete one expert.")
+    remove.add_argument("name", help="Expert name.")
+    sub.add_subcommand("remove", remove, help="Delete one expert.")
+
+    verify = _bank_parser("Re-check every file's sha256; exit 1 on any problem.")
+    verify.add_argument("--gc", action="store_true", help="Also delete folders left by interrupted writes.")
+    sub.add_subcommand("verify", verify, help="Verify every checksum.")
+
+    imp = _bank_parser("Import a PEFT LoRA or prefix-tuning adapter directory as an expert.")
+    imp.add_argument("adapter_dir", help="PEFT directory (adapter_config.json + adapter_model.safetensors).")
+    imp.add_argument("--name", required=True, help="Name of the new expert.")
+    imp.add_argument("--backbone", required=True, help="Hub name or local directory of the backbone it belongs to.")
+    imp.add_argument("--backbone-task", default="base", help="Auto class of the backbone (base, causal-lm, ...).")
+    imp.add_argument("--task", default=None, help="Task name (default: the expert name).")
+    imp.add_argument("--modality", default="text", help="Task modality.")
+    imp.add_argument("--overwrite", action="store_true", help="Replace an expert of the same name.")
+    sub.add_subcommand("import-peft", imp, help="Import a PEFT adapter.")
+
+    exp = _bank_parser("Export a LoRA (or prefix) expert as a PEFT adapter directory.")
+    exp.add_argument("name", help="Expert name.")
+    exp.add_argument("out_dir", help="New directory to write.")
+    exp.add_argument("--num-attention-heads", type=int, default=None, help="Key/value heads (prefix experts only).")
+    sub.add_subcommand("export-peft", exp, help="Export as a PEFT adapter.")
+
+    return parser
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _run_bank(cfg: Namespace) -> int:
+    from pituning.bank import ExpertBank, TaskInfo
+
+    action = cfg.action
+    opts = cfg[action]
+    bank = ExpertBank(opts.bank, create=action == "import-peft")
+    if action == "list":
+        entries = bank.list(modality=opts.modality, kind=opts.kind, task=opts.task, backbone=opts.backbone)
+        if opts.json:
+            for e in entries:
+                print(
+                    json.dumps(
+                        {
+                            "name": e.name,
+                            "kind": e.kind,
+                            "modality": e.modality,
+                            "task": e.task,
+                            "backbone": e.backbone,
+                            "embedding": e.has_embedding,
+                            "created": e.created,
+                        }
+                    )
+                )
+        else:
+            rows = [["NAME", "KIND", "MODALITY", "TASK", "BACKBONE", "EMBEDDING", "CREATED"]]
+            rows += [
+                [e.name, e.kind, e.modality, e.task, e.backbone, "yes" if e.has_embedding else "no", e.created]
+                for e in entries
+            ]
+            _print_table(rows)
+            print(f"{len(entries)} expert(s) in {bank.location}")
+        return 0
+    if action == "show":
+        entry = bank.entry(opts.name)
+        meta: dict[str, Any] = bank._meta(entry)
+        meta["files"] = entry.files
+        print(json.dumps(meta, indent=2, sort_keys=True))
+        return 0
+    if action == "remove":
+        bank.remove(opts.name)
+        print(f"removed {opts.name}")
+        return 0
+    if action == "verify":
+        problems, warnings = bank.verify()
+        for line in warnings:
+            print(f"warning: {line}")
+        if opts.gc:
+            for folder in bank.gc():
+                print(f"removed {folder}")
+        for line in problems:
+            print(f"problem: {line}")
+        print(f"{len(bank)} expert(s) checked, {len(problems)} problem(s)")
+        return 1 if problems else 0
+    if action == "import-peft":
+        from pituning.backbones import load_backbone
+        from pituning.model import ExpertModel
+
+        model = ExpertModel(load_backbone(opts.backbone, task=opts.backbone_task))
+        task = TaskInfo(name=opts.task or opts.name, modality=opts.modality)
+        expert = bank.import_peft(opts.adapter_dir, model, opts.name, task, overwrite=opts.overwrite)
+        print(f"imported {expert.name} ({expert.config.kind}) into {bank.location}")
+        return 0
+    if action == "export-peft":
+        out = bank.export_peft(opts.name, opts.out_dir, num_attention_heads=opts.num_attention_heads)
+        print(f"wrote {out}")
+        return 0
+    raise AssertionError(action)  # pragma: no cover - the parser only allows the actions above
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the command line ``args`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    cfg = parser.parse_args(list(args) if args is not None else sys.argv[1:])
+    try:
+        if cfg.command == "bank":
+            return _run_bank(cfg.bank)
+    except PiTuningError as err:
+        print(f"pituning: error: {err}", file=sys.stderr)
+        return 2
+    raise AssertionError(cfg.command)  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
