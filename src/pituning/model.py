@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,18 @@ class ExpertModel(nn.Module):
     ) -> list[str]:
         """Freeze all but the chosen parameters; see :func:`pituning.experts.set_trainable`.
 
+        ``extra`` patterns are searched in the names this method returns (relative to this module, ``backbone.``
+        first), so a name it printed can be passed back.
+
         Returns:
-            Names of the trainable parameters, relative to this module (``backbone.`` first).
+            Names of the trainable parameters, relative to this module.
         """
-        names = inject.set_trainable(self.backbone, experts, interpolation=interpolation, bitfit=bitfit, extra=extra)
-        return [f"backbone.{n}" for n in names]
+        inject.set_trainable(self.backbone, experts, interpolation=interpolation, bitfit=bitfit)
+        patterns = [re.compile(p) for p in extra]
+        for name, param in self.named_parameters():
+            if any(p.search(name) for p in patterns):
+                param.requires_grad_(True)
+        return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def expert_state_dict(self, name: str) -> dict[str, Tensor]:
         """The weights of one expert, keyed independently of its name."""

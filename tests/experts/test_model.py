@@ -41,7 +41,7 @@ def test_set_trainable_extra_patterns_and_weights_only() -> None:
     model.interpolate(["a", "b"])
     weights_only = model.set_trainable([], interpolation=True)
     assert weights_only and all(n.endswith("lora_logits") for n in weights_only)
-    with_pooler = model.set_trainable(["a"], interpolation=False, extra=[r"pooler\."])
+    with_pooler = model.set_trainable(["a"], interpolation=False, extra=[r"^backbone\.pooler\."])
     assert any("pooler" in n for n in with_pooler)
     assert not any(n.endswith("_logits") or n.endswith(".b") for n in with_pooler)
 
