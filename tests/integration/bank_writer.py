@@ -7,9 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bank_helpers import tiny_expert  # noqa: E402
-
-from pituning.bank import ExpertBank  # noqa: E402
+from bank_helpers import tiny_expert
+from pituning.bank import ExpertBank
 
 if __name__ == "__main__":
     location, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
