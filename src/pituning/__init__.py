@@ -4,8 +4,12 @@ Importing pituning imports torch but not Lightning, transformers model code, PEF
 """
 
 from pituning.backbones import Backbone, BackboneDescription, BackboneInfo, InsertionPoint, describe, load_backbone
+from pituning.bank import ExpertBank
 from pituning.errors import (
     BackboneError,
+    BackboneMismatchError,
+    BankCorruptionError,
+    BankError,
     ConfigError,
     ExpertError,
     InterpolationError,
@@ -30,9 +34,13 @@ __all__ = [
     "Backbone",
     "BackboneDescription",
     "BackboneError",
+    "BackboneMismatchError",
+    "BankCorruptionError",
+    "BankError",
     "BackboneInfo",
     "ConfigError",
     "ExpertConfig",
+    "ExpertBank",
     "ExpertError",
     "ExpertModel",
     "InsertionPoint",

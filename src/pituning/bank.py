@@ -36,7 +36,7 @@ from pituning.errors import BackboneMismatchError, BankCorruptionError, BankErro
 from pituning.experts.base import ExpertConfig, config_from_dict, validate_name
 from pituning.experts.lora import LoraConfig
 from pituning.experts.prefix import PrefixConfig
-from pituning.graph import similarity_to_many
+from pituning.graph import flatten_embeddings, prepare_rows, similarity_rows
 from pituning.model import ExpertModel
 from pituning.storage import Storage, open_storage
 
@@ -250,7 +250,8 @@ class ExpertBank:
         self._entries: dict[str, dict[str, Any]] = {}
         self._manifest_token: Any = None
         self._journal_offset = 0
-        self._similarity_cache: dict[str, tuple[builtins.list[tuple[str, str]], dict[str, Tensor]]] = {}
+        self._similarity_cache: dict[str, _EmbeddingIndex] = {}
+        self._wanted_memo: dict[tuple[Any, ...], builtins.list[tuple[str, str]]] = {}
         if not self.storage.exists(MANIFEST):
             if not create:
                 raise BankError(
@@ -642,17 +643,19 @@ class ExpertBank:
 
         Args:
             target: an expert name in the bank (its stored embedding) or an embedding ``{tensor: Fisher}``.
-            k: how many to return.
-            rescale: Fisher rescaling before comparison (:func:`pituning.graph.similarity_to_many`).
+            k: how many to return at most.
+            rescale: Fisher rescaling before comparison (see :mod:`pituning.graph`).
             eps: the normalised cosine's epsilon.
             modality: only sources of this modality. kind: only this kind. task: only this task name.
             structure: only this backbone structure (default: the target's, when it is a bank entry).
 
         Only entries with an embedding of the same layout (tensor names and shapes) are compared; the target itself
-        is left out. Sources whose similarity is undefined (every tensor all-zero or non-finite) are left out too.
+        is left out, and so are sources whose similarity is undefined (every tensor all-zero or non-finite). The
+        stacked, rescaled embeddings are cached in memory and in ``cache/``, keyed by each file's sha256.
         """
         if k < 1:
             raise ConfigError(f"similar() needs k >= 1, got {k}.")
+        exclude = None
         if isinstance(target, str):
             entry = self.entry(target)
             if not entry.has_embedding:
@@ -665,48 +668,82 @@ class ExpertBank:
             exclude = target
         else:
             embedding = {k_: v.float() for k_, v in target.items()}
-            exclude = None
         layout = _layout(embedding)
-        candidates = [
-            e
-            for e in self.list(modality=modality, kind=kind, task=task, has_embedding=True)
-            if e.embedding_layout == layout and e.name != exclude and (structure is None or e.structure == structure)
-        ]
-        if not candidates:
+        entries = self._refresh()
+        memo_key = (
+            self._manifest_token,
+            self._journal_offset,
+            len(entries),
+            layout,
+            exclude,
+            modality,
+            kind,
+            task,
+            structure,
+        )
+        wanted = self._wanted_memo.get(memo_key) if self._manifest_token is not None else None
+        if wanted is None:
+            wanted = [
+                (name, r["files"]["embedding"]["sha256"])
+                for name, r in entries.items()
+                if r.get("embedding_layout") == layout
+                and name != exclude
+                and (modality is None or r["modality"] == modality)
+                and (kind is None or r["kind"] == kind)
+                and (task is None or r["task"] == task)
+                and (structure is None or r["structure"] == structure)
+            ]
+            self._wanted_memo = {memo_key: wanted}
+        if not wanted:
             return []
-        stacked = self._stacked_embeddings(layout, candidates)
-        sims, _ = similarity_to_many(embedding, stacked, eps=eps, rescale=rescale)
-        order = torch.argsort(torch.nan_to_num(sims, nan=-float("inf")), descending=True)
-        ranked = [(candidates[int(i)].name, float(sims[int(i)])) for i in order if not torch.isnan(sims[int(i)])]
-        return ranked[:k]
+        index = self._embedding_index(layout, wanted)
+        rows, usable = index.prepared(rescale)
+        _, _, flat = flatten_embeddings([embedding])
+        target_row, target_usable = prepare_rows(flat, index.sizes, rescale)
+        sims = similarity_rows(target_row[0], target_usable[0], rows, usable, index.sizes, eps)
+        top = torch.topk(torch.nan_to_num(sims, nan=-float("inf")), min(k, len(wanted)))
+        return [
+            (wanted[int(i)][0], float(v)) for v, i in zip(top.values, top.indices, strict=True) if v > -float("inf")
+        ]
 
-    def _stacked_embeddings(self, layout: str, entries: Sequence[BankEntry]) -> dict[str, Tensor]:
-        """``{tensor: (N, d)}`` for ``entries``, from an in-memory or on-disk cache where it is still valid."""
+    def _embedding_index(self, layout: str, wanted: builtins.list[tuple[str, str]]) -> _EmbeddingIndex:
+        """Stacked embeddings of ``wanted`` ``(name, sha256)`` rows, reusing cached rows whose sha256 still match."""
         from safetensors.torch import load, save
 
-        wanted = [(e.name, e.files["embedding"]["sha256"]) for e in entries]
         cached = self._similarity_cache.get(layout)
+        path = f"cache/embeddings-{layout}.safetensors"
         if cached is None:
-            path = f"cache/embeddings-{layout}.safetensors"
-            try:
-                data = self.storage.read(path)
-                tensors = load(data)
-                keys = json.loads(tensors.pop("__keys__").numpy().tobytes().decode())
-                cached = ([tuple(x) for x in keys], tensors)
-            except (FileNotFoundError, KeyError, ValueError, RuntimeError):
-                cached = None
-        rows: dict[tuple[str, str], int] = {key: i for i, key in enumerate(cached[0])} if cached else {}
-        if cached is not None and all(key in rows for key in wanted):
-            index = torch.tensor([rows[key] for key in wanted])
-            return {k: v.index_select(0, index) for k, v in cached[1].items()}
-        # (re)build: verified reads of every wanted embedding
-        per_entry = [self._tensors(e, "embedding") for e in entries]
-        stacked = {k: torch.stack([emb[k].flatten() for emb in per_entry]) for k in per_entry[0]}
-        self._similarity_cache[layout] = (wanted, stacked)
-        blob = {**stacked, "__keys__": torch.frombuffer(bytearray(json.dumps(wanted).encode()), dtype=torch.uint8)}
+            with contextlib.suppress(FileNotFoundError, KeyError, ValueError, RuntimeError):
+                tensors = load(self.storage.read(path))
+                meta = json.loads(tensors["meta"].numpy().tobytes().decode())
+                keys = [(str(a), str(b)) for a, b in meta["keys"]]
+                cached = _EmbeddingIndex(keys, meta["names"], meta["sizes"], tensors["raw"])
+        if cached is not None and cached.keys == wanted:
+            self._similarity_cache[layout] = cached
+            return cached
+        rows = {key: i for i, key in enumerate(cached.keys)} if cached is not None else {}
+        missing = [key for key in wanted if key not in rows]
+        fresh = {key: self._tensors(self.entry(key[0]), "embedding") for key in missing}
+        if fresh:
+            names, sizes, fresh_flat = flatten_embeddings(list(fresh.values()))
+        else:
+            assert cached is not None
+            names, sizes, fresh_flat = cached.names, cached.sizes, torch.empty(0)
+        parts = []
+        fresh_row = {key: i for i, key in enumerate(fresh)}
+        for key in wanted:
+            if key in fresh_row:
+                parts.append(fresh_flat[fresh_row[key]])
+            else:
+                assert cached is not None
+                parts.append(cached.raw[rows[key]])
+        index = _EmbeddingIndex(wanted, names, sizes, torch.stack(parts))
+        self._similarity_cache[layout] = index
+        meta = json.dumps({"keys": wanted, "names": names, "sizes": sizes}).encode()
+        blob = {"raw": index.raw, "meta": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
         with contextlib.suppress(OSError):  # a read-only bank still answers
-            self.storage.write_atomic(f"cache/embeddings-{layout}.safetensors", bytes(save(blob)))
-        return stacked
+            self.storage.write_atomic(path, bytes(save(blob)))
+        return index
 
     # ------------------------------------------------------------------ PEFT interop
     def export_peft(self, name: str, out_dir: str | Path, *, num_attention_heads: int | None = None) -> Path:
@@ -806,6 +843,22 @@ class ExpertBank:
     def sync_(target: ExpertModel | Expert | Sequence[Expert], names: Sequence[str] | None = None) -> None:
         """Mean-reduce experts across the ranks of the default process group, in place (see :func:`sync_experts_`)."""
         sync_experts_(target, names)
+
+
+@dataclass
+class _EmbeddingIndex:
+    """Stacked flattened embeddings of one layout, with their prepared (rescaled) forms cached per rescaling."""
+
+    keys: builtins.list[tuple[str, str]]
+    names: builtins.list[str]
+    sizes: builtins.list[int]
+    raw: Tensor
+    _prepared: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def prepared(self, rescale: str) -> tuple[Tensor, Tensor]:
+        if rescale not in self._prepared:
+            self._prepared[rescale] = prepare_rows(self.raw, self.sizes, rescale)
+        return self._prepared[rescale]
 
 
 def _lora_delta_average(experts: Sequence[Expert], w: Tensor) -> tuple[dict[str, Tensor], ExpertConfig]:

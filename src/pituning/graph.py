@@ -14,7 +14,7 @@ reported in :class:`Similarity.skipped`, never silently dropped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,16 @@ from torch import Tensor
 
 from pituning.errors import ConfigError
 
-__all__ = ["RESCALE", "Similarity", "rescale_fisher", "similarity_to_many", "task_similarity"]
+__all__ = [
+    "RESCALE",
+    "Similarity",
+    "flatten_embeddings",
+    "prepare_rows",
+    "rescale_fisher",
+    "similarity_rows",
+    "similarity_to_many",
+    "task_similarity",
+]
 
 #: Fisher rescaling options.
 RESCALE = ("unit_mean", "none")
@@ -52,11 +61,6 @@ def rescale_fisher(fisher: Tensor, rescale: str = "unit_mean") -> Tensor:
         return fisher
     mean = fisher.mean(dim=-1, keepdim=True)
     return fisher / torch.where(mean > 0, mean, torch.ones_like(mean))
-
-
-def _usable(fisher: Tensor) -> Tensor:
-    """Per row: finite everywhere and not all zero. ``fisher`` is ``(..., d)``."""
-    return torch.isfinite(fisher).all(dim=-1) & (fisher.abs().sum(dim=-1) > 0)
 
 
 def _pair_cosine(fi: Tensor, fj: Tensor, eps: float) -> Tensor:
@@ -104,36 +108,100 @@ def _why_unusable(fisher: Tensor, side: str) -> str:
     return ""
 
 
+def flatten_embeddings(embeddings: Sequence[Mapping[str, Tensor]]) -> tuple[list[str], list[int], Tensor]:
+    """Stack embeddings of one layout into one matrix.
+
+    Returns:
+        ``(tensor names (sorted), their sizes, (N, D))`` where each row concatenates one embedding's flattened tensors.
+    """
+    names = sorted(embeddings[0])
+    sizes = [embeddings[0][n].numel() for n in names]
+    rows = [torch.cat([e[n].reshape(-1).float() for n in names]) for e in embeddings]
+    return names, sizes, torch.stack(rows)
+
+
+def _segments(sizes: Sequence[int], device: torch.device) -> Tensor:
+    """One-hot ``(D, K)`` matrix mapping each column to its tensor (segment sums become one matmul)."""
+    ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return torch.nn.functional.one_hot(ids, len(sizes)).float()
+
+
+def prepare_rows(flat: Tensor, sizes: Sequence[int], rescale: str = "unit_mean") -> tuple[Tensor, Tensor]:
+    """Rescale each tensor segment of each row and mark the usable ones.
+
+    Args:
+        flat: ``(N, D)`` stacked flattened Fisher.
+        sizes: the segment sizes (sum ``D``).
+        rescale: ``unit_mean`` or ``none``.
+
+    Returns:
+        ``(rescaled (N, D), usable (N, K))``: a segment is usable when it is finite and not all zero; unusable
+        segments are zeroed in the rescaled matrix.
+    """
+    if rescale not in RESCALE:
+        raise ConfigError(f"Unknown Fisher rescaling {rescale!r}; choose one of {list(RESCALE)}.")
+    flat = flat.float()
+    seg = _segments(sizes, flat.device)
+    finite = torch.isfinite(flat)
+    clean = torch.where(finite, flat, torch.zeros_like(flat))
+    usable = ((~finite).float() @ seg == 0) & (clean.abs() @ seg > 0)
+    if rescale == "unit_mean":
+        means = (clean @ seg) / torch.tensor(sizes, dtype=torch.float32, device=flat.device)
+        means = torch.where(means > 0, means, torch.ones_like(means))
+        clean = clean / (means @ seg.t())
+    return clean * (usable.float() @ seg.t()), usable
+
+
+def similarity_rows(
+    target: Tensor, target_usable: Tensor, rows: Tensor, rows_usable: Tensor, sizes: Sequence[int], eps: float = 1e-6
+) -> Tensor:
+    """Symmetric normalised cosine of one prepared target ``(D,)`` against prepared rows ``(N, D)``, mean over the
+    segments usable on both sides; ``nan`` where none is.
+
+    With ``T = f_t + F + eps``: ``cos(f_t / T, F / T) = sum(f_t F / T^2) / sqrt(sum(f_t^2 / T^2) sum(F^2 / T^2))``
+    per segment, so the whole batch costs a few elementwise passes and three ``(N, D) @ (D, K)`` products.
+    """
+    seg = _segments(sizes, rows.device)
+    k = len(sizes)
+    weights = torch.cat([seg * target[:, None], seg * target.square()[:, None], seg], dim=1)  # (D, 3K)
+    shifted = target + eps
+    sums = torch.empty(rows.shape[0], 3 * k, device=rows.device)
+    step = max(16, (1 << 18) // max(1, rows.shape[1]))  # ~1 MB blocks stay in cache: far faster than whole passes
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        inv = torch.add(block, shifted).pow_(-2)  # 1 / T^2
+        sums[start : start + step, k : 2 * k] = inv @ weights[:, k : 2 * k]  # sum f_t^2 / T^2
+        inv.mul_(block)
+        sums[start : start + step, :k] = inv @ weights[:, :k]  # sum f_t F / T^2
+        sums[start : start + step, 2 * k :] = inv.mul_(block) @ weights[:, 2 * k :]  # sum F^2 / T^2
+    cross, tgt, own = sums[:, :k], sums[:, k : 2 * k], sums[:, 2 * k :]
+    cos = cross / (own * tgt).sqrt().clamp_min(1e-12)
+    ok = rows_usable & target_usable[None, :]
+    count = ok.sum(dim=1)
+    mean = torch.where(ok, cos, torch.zeros_like(cos)).sum(dim=1) / count.clamp(min=1)
+    return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
+
+
 def similarity_to_many(
     target: Mapping[str, Tensor],
-    candidates: Mapping[str, Tensor],
+    candidates: Sequence[Mapping[str, Tensor]],
     *,
     eps: float = 1e-6,
     rescale: str = "unit_mean",
-) -> tuple[Tensor, Tensor]:
-    """Similarity of one task to ``N`` others at once.
+) -> Tensor:
+    """Similarity of one task to ``N`` others at once (the batched form of :func:`task_similarity`).
 
     Args:
         target: ``{tensor: F}`` of the target.
-        candidates: ``{tensor: (N, d)}`` stacked flattened Fisher of the candidates, same tensor names.
+        candidates: ``N`` embeddings with the same tensor names and shapes.
         eps: the normalised cosine's epsilon (applied after rescaling).
         rescale: ``unit_mean`` or ``none``.
 
     Returns:
-        ``(similarity (N,), usable (N, K))``: the mean over usable tensors, and which of the ``K`` tensors (sorted
-        names) were usable per candidate; a candidate with no usable tensor gets ``nan``.
+        ``(N,)`` similarities; ``nan`` for a candidate with no usable tensor.
     """
-    names = sorted(target)
-    if set(names) != set(candidates):
+    if any(set(c) != set(target) for c in candidates):
         raise ConfigError("Target and candidate embeddings cover different tensors; compare like with like.")
-    sims, usable = [], []
-    for name in names:
-        ft = target[name].flatten().float()
-        fc = candidates[name].float()
-        ok = _usable(fc) & bool(_usable(ft))
-        sims.append(torch.where(ok, _pair_cosine(rescale_fisher(ft, rescale), rescale_fisher(fc, rescale), eps), 0.0))
-        usable.append(ok)
-    sim, ok_all = torch.stack(sims, dim=1), torch.stack(usable, dim=1)
-    count = ok_all.sum(dim=1)
-    mean = sim.sum(dim=1) / count.clamp(min=1)
-    return torch.where(count > 0, mean, torch.full_like(mean, float("nan"))), ok_all
+    _, sizes, flat = flatten_embeddings([target, *candidates])
+    prepared, usable = prepare_rows(flat, sizes, rescale)
+    return similarity_rows(prepared[0], usable[0], prepared[1:], usable[1:], sizes, eps)
