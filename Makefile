@@ -35,8 +35,8 @@ demo: $(VENV)/.deps-examples
 test: $(VENV)/.deps-dev lint typecheck unit
 
 lint: $(VENV)/.deps-dev
-	$(PY) -m ruff check src tests examples
-	$(PY) -m ruff format --check src tests examples
+	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m ruff format --check src tests examples benchmarks
 
 typecheck: $(VENV)/.deps-dev
 	$(PY) -m mypy

@@ -45,7 +45,10 @@ def test_zero_and_non_finite_tensors_are_reported_not_dropped_silently() -> None
     fi["b"] = fi["b"].clone()
     fi["b"][0] = math.nan
     sim = task_similarity(fi, fj)
-    assert sim.skipped == {"a": "all-zero Fisher in the second embedding", "b": "non-finite Fisher in the first embedding"}
+    assert sim.skipped == {
+        "a": "all-zero Fisher in the second embedding",
+        "b": "non-finite Fisher in the first embedding",
+    }
     assert math.isnan(sim.value) and sim.per_tensor == {}
 
 

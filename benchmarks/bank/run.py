@@ -132,7 +132,8 @@ def write_markdown(results: dict[str, object], path: Path) -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Targets (issue): list + filter of 10,000 entries under 100 ms; top-k over 10,000 stored embeddings under 50 ms.",
+        "Targets (issue): list + filter of 10,000 entries under 100 ms; "
+        "top-k over 10,000 stored embeddings under 50 ms.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bank_benchmark_runs(tmp_path: Path) -> None:
     script = ROOT / "benchmarks" / "bank" / "run.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--sizes", "60", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--sizes", "60", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "bank.json").read_text())
