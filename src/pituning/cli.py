@@ -1,7 +1,15 @@
 """The ``pituning`` command.
 
-``pituning bank list | show | remove | verify | import-peft | export-peft`` manage an expert bank. ``main(args)`` is
-callable from tests and returns the exit status.
+Trainer stages (LightningCLI: ``--config file.yaml``, ``--model.*``, ``--data.*``, ``--trainer.*``, ``--help``):
+
+- ``pituning train-expert``: stage 1, :class:`~pituning.modules.ExpertTrainingModule` (fit, then test).
+- ``pituning embed``: stage 2, :class:`~pituning.modules.TaskEmbeddingModule` over the training split.
+- ``pituning interpolate``: stage 3, :class:`~pituning.modules.InterpolationModule` (fit, then test).
+- ``pituning evaluate``: test a stored expert (``--model.init_from NAME``).
+
+Plain commands: ``pituning graph``, ``pituning export``, ``pituning run --config suite.yaml`` and
+``pituning bank list | show | remove | verify | import-peft | export-peft``. ``main(args)`` is callable from tests
+and returns the exit status.
 """
 
 from __future__ import annotations
@@ -11,9 +19,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
-from pituning.errors import PiTuningError
+from pituning.errors import ConfigError, PiTuningError
+from pituning.suite import SuiteConfig, TaskSpec
 
 __all__ = ["build_parser", "main"]
 
@@ -24,10 +33,40 @@ def _bank_parser(help_text: str) -> ArgumentParser:
     return parser
 
 
+STAGES = ("train-expert", "embed", "interpolate", "evaluate")
+
+
 def build_parser() -> ArgumentParser:
-    """The full argument parser (subcommands and their options)."""
-    parser = ArgumentParser(prog="pituning", description="π-Tuning: experts, task similarity and interpolation.")
+    """The argument parser of the plain commands (the Trainer stages are LightningCLI parsers)."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
+    parser = ArgumentParser(
+        prog="pituning",
+        description="π-Tuning: experts, task similarity and interpolation. Trainer stages: "
+        + ", ".join(STAGES)
+        + " (LightningCLI; `pituning STAGE --help`).",
+    )
     commands = parser.add_subcommands(dest="command", required=True)
+
+    graph = ArgumentParser(description="Build the task graph from the bank's embeddings: JSON, CSV and PNG plots.")
+    graph.add_argument("--bank", required=True, help="Bank directory or URL.")
+    graph.add_argument("--out", required=True, help="Output folder.")
+    graph.add_argument("--names", type=list[str] | None, default=None, help="Tasks (default: all embedded).")
+    graph.add_argument("--rescale", default="unit_mean", help="Fisher rescaling: unit_mean or none.")
+    graph.add_argument("--k", type=int, default=2, help="Neighbours drawn per task in graph.png.")
+    graph.add_argument("--no-plot", action="store_true", help="Skip the PNG plots.")
+    commands.add_subcommand("graph", graph, help="Build the task graph.")
+
+    export = ArgumentParser(description="Export a stored expert: a PEFT adapter directory or plain safetensors.")
+    export.add_argument("--bank", required=True, help="Bank directory or URL.")
+    export.add_argument("name", help="Expert name.")
+    export.add_argument("out", help="New directory to write.")
+    export.add_argument("--format", default="peft", help="peft (LoRA, prefix) or safetensors (any kind).")
+    commands.add_subcommand("export", export, help="Export an expert.")
+
+    run = ArgumentParser(description="Run a whole suite (sources, targets, expert kind, k, shots, seeds) from YAML.")
+    run.add_argument("--config", action="config", help="Suite YAML.")
+    run.add_class_arguments(SuiteConfig, None)
+    commands.add_subcommand("run", run, help="Run a π-Tuning suite.")
 
     bank = ArgumentParser(description="Manage an expert bank.")
     commands.add_subcommand("bank", bank, help="Manage an expert bank.")
@@ -147,13 +186,109 @@ def _run_bank(cfg: Namespace) -> int:
     raise AssertionError(action)  # pragma: no cover - the parser only allows the actions above
 
 
+def _run_stage(stage: str, args: list[str]) -> int:
+    """A Trainer stage through LightningCLI."""
+    from lightning.pytorch.cli import LightningCLI
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+    from pituning.data import TaskDataModule
+    from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
+
+    model_class = {
+        "train-expert": ExpertTrainingModule,
+        "embed": TaskEmbeddingModule,
+        "interpolate": InterpolationModule,
+        "evaluate": ExpertTrainingModule,
+    }[stage]
+    defaults: dict[str, Any] = {"enable_checkpointing": False}
+    if stage == "embed":
+        defaults["inference_mode"] = False
+    cli = LightningCLI(
+        model_class,
+        TaskDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        trainer_defaults=defaults,
+        save_config_callback=None,
+        seed_everything_default=0,
+        parser_kwargs={"prog": f"pituning {stage}"},
+    )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if stage == "embed":
+        trainer.test(model, dataloaders=data.embedding_dataloader())
+        return 0
+    if stage in ("train-expert", "interpolate"):
+        trainer.fit(model, data)
+    trainer.test(model, data)
+    return 0
+
+
+def _run_graph(opts: Namespace) -> int:
+    from pituning.bank import ExpertBank
+    from pituning.graph import TaskGraph
+
+    graph = TaskGraph.from_bank(ExpertBank(opts.bank, create=False), opts.names, rescale=opts.rescale)
+    files = graph.save(opts.out)
+    if not opts.no_plot:
+        files.update(graph.plot(opts.out, k=opts.k))
+    for name in graph.names:
+        print(f"{name}: " + ", ".join(f"{n} {s:.3f}" for n, s in graph.top_k(name, opts.k)))
+    for kind, path in files.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def _run_export(opts: Namespace) -> int:
+    from pituning.bank import ExpertBank
+
+    bank = ExpertBank(opts.bank, create=False)
+    if opts.format == "peft":
+        print(f"wrote {bank.export_peft(opts.name, opts.out)}")
+        return 0
+    if opts.format != "safetensors":
+        raise ConfigError(f"--format must be peft or safetensors, got {opts.format!r}.")
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    expert = bank.get(opts.name)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=False)
+    save_file(expert.state, str(out / "weights.safetensors"))
+    if expert.head is not None:
+        save_file(expert.head, str(out / "head.safetensors"))
+    (out / "expert.json").write_text(json.dumps(bank._meta(bank.entry(opts.name)), indent=2, sort_keys=True))
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_suite(opts: Namespace) -> int:
+    from pituning.suite import run_suite
+
+    values = {k: v for k, v in dict(opts).items() if k != "config" and not k.startswith("__")}
+    values["sources"] = [t if isinstance(t, TaskSpec) else TaskSpec(**dict(t)) for t in values["sources"]]
+    values["targets"] = [t if isinstance(t, TaskSpec) else TaskSpec(**dict(t)) for t in values["targets"]]
+    run_suite(SuiteConfig(**values))
+    return 0
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run the command line ``args`` (default ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
-    cfg = parser.parse_args(list(args) if args is not None else sys.argv[1:])
+    argv = list(args) if args is not None else sys.argv[1:]
     try:
+        if argv and argv[0] in STAGES:
+            return _run_stage(argv[0], argv[1:])
+        cfg = build_parser().parse_args(argv)
         if cfg.command == "bank":
             return _run_bank(cfg.bank)
+        if cfg.command == "graph":
+            return _run_graph(cfg.graph)
+        if cfg.command == "export":
+            return _run_export(cfg.export)
+        if cfg.command == "run":
+            return _run_suite(cfg.run)
     except PiTuningError as err:
         print(f"pituning: error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ from pituning.errors import ConfigError
 __all__ = [
     "RESCALE",
     "Similarity",
+    "TaskGraph",
     "flatten_embeddings",
     "prepare_rows",
     "rescale_fisher",
@@ -205,3 +207,165 @@ def similarity_to_many(
     _, sizes, flat = flatten_embeddings([target, *candidates])
     prepared, usable = prepare_rows(flat, sizes, rescale)
     return similarity_rows(prepared[0], usable[0], prepared[1:], usable[1:], sizes, eps)
+
+
+class TaskGraph:
+    """Pairwise task similarities: a symmetric matrix over named tasks, with top-k queries, export and plots.
+
+    Tasks whose embeddings cannot be compared (other layout or backbone) have ``nan`` similarity.
+
+    Example:
+        >>> g = TaskGraph(["a", "b", "c"], torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]]))
+        >>> g.top_k("a", 1)
+        [('b', 0.8999999761581421)]
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        matrix: Tensor,
+        *,
+        modalities: Mapping[str, str] | None = None,
+        skipped: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        if matrix.shape != (len(names), len(names)):
+            raise ConfigError(f"TaskGraph matrix has shape {tuple(matrix.shape)} for {len(names)} names.")
+        self.names = list(names)
+        self.matrix = matrix.float()
+        self.modalities = dict(modalities or {})
+        self.skipped = {k: dict(v) for k, v in (skipped or {}).items()}
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: Mapping[str, Mapping[str, Tensor]],
+        *,
+        rescale: str = "unit_mean",
+        eps: float = 1e-6,
+        modalities: Mapping[str, str] | None = None,
+    ) -> TaskGraph:
+        """Build the graph from ``{task: embedding}``; pairs of different layouts get ``nan``."""
+        names = list(embeddings)
+        matrix = torch.full((len(names), len(names)), float("nan"))
+        skipped: dict[str, dict[str, str]] = {}
+        for i, a in enumerate(names):
+            matrix[i, i] = 1.0
+            for j in range(i + 1, len(names)):
+                b = names[j]
+                layout_a = {k: tuple(v.shape) for k, v in embeddings[a].items()}
+                layout_b = {k: tuple(v.shape) for k, v in embeddings[b].items()}
+                if layout_a != layout_b:
+                    continue
+                sim = task_similarity(embeddings[a], embeddings[b], eps=eps, rescale=rescale)
+                matrix[i, j] = matrix[j, i] = sim.value
+                if sim.skipped:
+                    skipped[f"{a}|{b}"] = sim.skipped
+        return cls(names, matrix, modalities=modalities, skipped=skipped)
+
+    @classmethod
+    def from_bank(cls, bank: Any, names: Sequence[str] | None = None, **kwargs: Any) -> TaskGraph:
+        """The graph over ``names`` (default: every bank entry with an embedding)."""
+        entries = {e.name: e for e in bank.list(has_embedding=True)}
+        chosen = list(names) if names is not None else list(entries)
+        missing = [n for n in chosen if n not in entries]
+        if missing:
+            raise ConfigError(f"No task embedding for {missing}; run the embedding stage for them first.")
+        embeddings = {n: bank.get(n).embedding for n in chosen}
+        return cls.from_embeddings(embeddings, modalities={n: entries[n].modality for n in chosen}, **kwargs)
+
+    def similarity(self, a: str, b: str) -> float:
+        """Similarity of tasks ``a`` and ``b``."""
+        return float(self.matrix[self.names.index(a), self.names.index(b)])
+
+    def top_k(
+        self, target: str, k: int, *, modality: str | None = None, exclude: Sequence[str] = ()
+    ) -> list[tuple[str, float]]:
+        """The ``k`` tasks most similar to ``target`` (itself, ``exclude`` and ``nan`` pairs left out), best first."""
+        if target not in self.names:
+            raise ConfigError(f"{target!r} is not in the task graph ({self.names}).")
+        row = self.matrix[self.names.index(target)]
+        ranked = [
+            (name, float(row[i]))
+            for i, name in enumerate(self.names)
+            if name != target
+            and name not in exclude
+            and not torch.isnan(row[i])
+            and (modality is None or self.modalities.get(name) == modality)
+        ]
+        ranked.sort(key=lambda item: -item[1])
+        return ranked[:k]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``nan`` as ``None``)."""
+        rows = [[None if v != v else float(v) for v in row.tolist()] for row in self.matrix]
+        return {"names": self.names, "matrix": rows, "modalities": self.modalities, "skipped": self.skipped}
+
+    def save(self, directory: str | Any) -> dict[str, str]:
+        """Write ``graph.json`` and ``graph.csv`` into ``directory``; returns their paths."""
+        import csv
+        import json
+        from pathlib import Path
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "graph.json").write_text(json.dumps(self.to_dict(), indent=1))
+        with open(out / "graph.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["task", *self.names])
+            for name, row in zip(self.names, self.to_dict()["matrix"], strict=True):
+                writer.writerow([name, *["" if v is None else f"{v:.6f}" for v in row]])
+        return {"json": str(out / "graph.json"), "csv": str(out / "graph.csv")}
+
+    @classmethod
+    def load(cls, path: str | Any) -> TaskGraph:
+        """Read a ``graph.json``."""
+        import json
+        from pathlib import Path
+
+        data = json.loads(Path(path).read_text())
+        matrix = torch.tensor([[float("nan") if v is None else v for v in row] for row in data["matrix"]])
+        return cls(data["names"], matrix, modalities=data.get("modalities"), skipped=data.get("skipped"))
+
+    def plot(self, directory: str | Any, *, k: int = 2) -> dict[str, str]:
+        """Write ``heatmap.png`` (the matrix) and ``graph.png`` (each task linked to its ``k`` nearest) with
+        matplotlib (an optional dependency: ``pip install matplotlib``)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ConfigError("Plots need matplotlib: pip install matplotlib (or the 'examples' extra).") from err
+        import math as _math
+        from pathlib import Path
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        n = len(self.names)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
+        image = ax.imshow(self.matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(n), self.names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), self.names, fontsize=8)
+        fig.colorbar(image, ax=ax, label="task similarity")
+        ax.set_title("Task similarity (Fisher)")
+        fig.tight_layout()
+        fig.savefig(out / "heatmap.png", dpi=120)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 6))
+        points = {
+            name: (_math.cos(2 * _math.pi * i / n), _math.sin(2 * _math.pi * i / n))
+            for i, name in enumerate(self.names)
+        }
+        for name in self.names:
+            for other, sim in self.top_k(name, k):
+                (x0, y0), (x1, y1) = points[name], points[other]
+                ax.plot([x0, x1], [y0, y1], color="tab:blue", alpha=0.2 + 0.8 * max(0.0, min(1.0, sim)), lw=1 + 2 * sim)
+        for name, (x, y) in points.items():
+            ax.scatter([x], [y], s=80, color="tab:orange", zorder=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_axis_off()
+        ax.set_title(f"Task graph: each task linked to its {k} most similar")
+        fig.tight_layout()
+        fig.savefig(out / "graph.png", dpi=120)
+        plt.close(fig)
+        return {"heatmap": str(out / "heatmap.png"), "graph": str(out / "graph.png")}

@@ -1,0 +1,274 @@
+"""Shared DataModule machinery: reading tables, deterministic splits, k-shot sampling, collation.
+
+Every DataModule reads a Hugging Face dataset name (``datasets.load_dataset``) or local files (csv / jsonl / json /
+parquet, and per modality image folders or ``.npz`` arrays), splits it deterministically, optionally keeps
+``shots_per_class`` training examples per class (seeded), and reports the task's metadata for the bank.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pituning.bank import TaskInfo
+from pituning.errors import ConfigError, PiTuningError
+
+__all__ = ["DataError", "ListDataset", "TaskDataModule", "load_table", "pad_collate"]
+
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(PiTuningError):
+    """A dataset is missing, empty, single-class, or too small for the requested shots."""
+
+
+def load_table(
+    source: str, split_names: Sequence[str] = ("train", "validation", "test"), **kwargs: Any
+) -> dict[str, Any]:
+    """Load ``source`` into ``{split: datasets.Dataset}``.
+
+    ``source`` is a local file (csv, tsv, jsonl, json, parquet), a directory holding ``train.*`` / ``validation.*``
+    / ``test.*`` files of one of those types, or a Hugging Face dataset name (``load_dataset``; offline it must be in
+    the local cache).
+    """
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"Unsupported data file {source!r}; use csv, tsv, jsonl, json or parquet.")
+        if path.suffix.lower() == ".tsv":
+            kwargs.setdefault("delimiter", "\t")
+        loaded = datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+    elif path.is_dir() and any(p.stem in split_names and p.suffix.lower() in _FILE_BUILDERS for p in path.iterdir()):
+        files = {p.stem: str(p) for p in sorted(path.iterdir()) if p.stem in split_names}
+        builder = _FILE_BUILDERS[Path(next(iter(files.values()))).suffix.lower()]
+        loaded = datasets.load_dataset(builder, data_files=files, **kwargs)
+    else:
+        try:
+            loaded = datasets.load_dataset(source, **kwargs)
+        except Exception as err:
+            raise DataError(
+                f"Could not load dataset {source!r} ({type(err).__name__}: {err}). Pass an existing local file or "
+                "directory, or a dataset name available offline in the Hugging Face cache."
+            ) from err
+    return dict(loaded)
+
+
+def pad_collate(items: Sequence[Mapping[str, Tensor]], pad_ids: Mapping[str, int] | None = None) -> dict[str, Tensor]:
+    """Stack items; 1-D integer sequences of different lengths are right-padded (``input_ids`` with the pad id,
+    ``attention_mask`` with 0, token ``labels`` with -100)."""
+    pad_ids = dict(pad_ids or {})
+    out: dict[str, Tensor] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if values[0].dim() == 1 and len({v.shape[0] for v in values}) > 1:
+            pad = pad_ids.get(key, -100 if key == "labels" else 0)
+            out[key] = torch.nn.utils.rnn.pad_sequence(list(values), batch_first=True, padding_value=pad)
+        else:
+            out[key] = torch.stack(list(values))
+    return out
+
+
+class ListDataset(Dataset[dict[str, Tensor]]):
+    """Items built on access by ``make(i)``."""
+
+    def __init__(self, size: int, make: Callable[[int], dict[str, Tensor]]) -> None:
+        self.size = size
+        self.make = make
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.make(index)
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """Base of the modality DataModules: splits, k-shot sampling, loaders and task metadata.
+
+    Subclasses implement :meth:`read` (returning ``{split: (records, labels)}``) and :meth:`encode` (one record to a
+    dict of tensors).
+    """
+
+    modality = "other"
+
+    def __init__(
+        self,
+        *,
+        task_name: str,
+        shots_per_class: int | None = None,
+        seed: int = 0,
+        split_seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        label_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if shots_per_class is not None and shots_per_class < 1:
+            raise ConfigError(f"shots_per_class must be >= 1 or None (full data), got {shots_per_class}.")
+        for option, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{option} must be in [0, 1), got {value}.")
+        self.task_name = task_name
+        self.shots_per_class = shots_per_class
+        self.seed = seed
+        self.split_seed = split_seed
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.max_train_examples = max_train_examples
+        self.max_eval_examples = max_eval_examples
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.label_names: list[str] = list(label_names or [])
+        self.splits: dict[str, tuple[list[Any], list[int]]] = {}
+        self._pad_ids: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ to implement
+    def read(self) -> dict[str, tuple[list[Any], list[Any]]]:
+        """``{split: (records, raw labels)}`` with at least ``train``."""
+        raise NotImplementedError
+
+    def encode(self, record: Any, label: int) -> dict[str, Tensor]:
+        """One example as tensors (``labels`` included)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ splits
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self.read()
+        if "train" not in raw or not raw["train"][0]:
+            raise DataError(f"Task {self.task_name!r}: the training split is empty.")
+        labels_seen = sorted({str(y) for part in raw.values() for y in part[1]}, key=_natural)
+        if not self.label_names:
+            self.label_names = labels_seen
+        index = {name: i for i, name in enumerate(self.label_names)}
+        unknown = [y for y in labels_seen if y not in index]
+        if unknown:
+            raise DataError(f"Task {self.task_name!r}: labels {unknown[:5]} are not in label_names {self.label_names}.")
+        parts = {s: (list(r), [index[str(y)] for y in ys]) for s, (r, ys) in raw.items()}
+        if len({y for y in parts["train"][1]}) < 2:
+            raise DataError(
+                f"Task {self.task_name!r}: the training data has a single class ({self.label_names}); a classifier "
+                "needs at least two."
+            )
+        rng = random.Random(self.split_seed)
+        train = parts["train"]
+        if "test" not in parts and self.test_fraction > 0:
+            train, parts["test"] = _split(train, self.test_fraction, rng)
+        if "validation" not in parts and self.val_fraction > 0:
+            train, parts["validation"] = _split(train, self.val_fraction, rng)
+        parts["train"] = train
+        if self.shots_per_class is not None:
+            parts["train"] = self._k_shot(parts["train"])
+        elif self.max_train_examples is not None:
+            parts["train"] = _cap(parts["train"], self.max_train_examples, random.Random(self.seed))
+        if self.max_eval_examples is not None:
+            for split in ("validation", "test"):
+                if split in parts:
+                    parts[split] = _cap(parts[split], self.max_eval_examples, random.Random(self.split_seed))
+        self.splits = parts
+
+    def _k_shot(self, part: tuple[list[Any], list[int]]) -> tuple[list[Any], list[int]]:
+        assert self.shots_per_class is not None
+        rng = random.Random(self.seed)
+        by_class: dict[int, list[int]] = {}
+        for i, y in enumerate(part[1]):
+            by_class.setdefault(y, []).append(i)
+        chosen: list[int] = []
+        for y in sorted(by_class):
+            pool = by_class[y]
+            if len(pool) < self.shots_per_class:
+                raise DataError(
+                    f"Task {self.task_name!r}: class {self.label_names[y]!r} has {len(pool)} training examples, fewer "
+                    f"than shots_per_class={self.shots_per_class}; lower the shots or add data."
+                )
+            chosen += rng.sample(pool, self.shots_per_class)
+        rng.shuffle(chosen)
+        return [part[0][i] for i in chosen], [part[1][i] for i in chosen]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (after :meth:`setup`)."""
+        return len(self.label_names)
+
+    def task_info(self) -> TaskInfo:
+        """Task metadata for the bank (after :meth:`setup`)."""
+        self.setup()
+        return TaskInfo(
+            name=self.task_name,
+            modality=self.modality,
+            label_names=list(self.label_names),
+            num_examples=len(self.splits["train"][1]),
+            shots=self.shots_per_class,
+        )
+
+    # ------------------------------------------------------------------ loaders
+    def dataset(self, split: str) -> ListDataset:
+        """The encoded examples of ``split``."""
+        self.setup()
+        if split not in self.splits:
+            raise DataError(f"Task {self.task_name!r} has no {split!r} split (splits: {sorted(self.splits)}).")
+        records, labels = self.splits[split]
+        return ListDataset(len(records), lambda i: self.encode(records[i], labels[i]))
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader[dict[str, Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=lambda items: pad_collate(items, self._pad_ids),
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        return self._loader("validation" if "validation" in self.splits else "test", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def embedding_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        """The training split in a fixed order (what the Fisher pass reads)."""
+        return self._loader("train", False, self.eval_batch_size)
+
+
+def _natural(value: str) -> tuple[int, int | str]:
+    return (0, int(value)) if value.lstrip("-").isdigit() else (1, value)
+
+
+def _split(part: tuple[list[Any], list[int]], fraction: float, rng: random.Random) -> tuple[Any, Any]:
+    order = list(range(len(part[1])))
+    rng.shuffle(order)
+    cut = max(1, round(len(order) * fraction)) if len(order) > 1 else 0
+    held, kept = order[:cut], order[cut:]
+    return ([part[0][i] for i in kept], [part[1][i] for i in kept]), (
+        [part[0][i] for i in held],
+        [part[1][i] for i in held],
+    )
+
+
+def _cap(part: tuple[list[Any], list[int]], limit: int, rng: random.Random) -> tuple[list[Any], list[int]]:
+    if len(part[1]) <= limit:
+        return part
+    keep = sorted(rng.sample(range(len(part[1])), limit))
+    return [part[0][i] for i in keep], [part[1][i] for i in keep]

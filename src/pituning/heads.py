@@ -1,0 +1,188 @@
+"""Task heads and the task model: an :class:`ExpertModel` plus a head, ``forward(**inputs) -> logits``.
+
+Task types:
+
+- ``classification``: pooled features of one input (text or image) -> a linear layer -> ``(N, C)``.
+- ``pair_classification``: image and text features ``u, v`` -> ``[u, v, u*v, |u-v|]`` -> a linear layer (e.g.
+  match / no-match, or VQA as classification).
+- ``matching``: contrastive image-text matching against a fixed set of candidate texts (the class captions):
+  ``scale * cos(image, text_c)`` for every candidate ``c`` -> ``(N, C)``.
+- ``text_to_text``: encoder-decoder backbones (T5): labels are target text, logits ``(N, T, V)``, token
+  cross-entropy (the same loss drives the Fisher).
+
+Features are pooled per backbone family: masked mean for text encoders, the last real token for decoders, ``CLS``
+for ViT, the projected embeddings for CLIP, global average pooling for EfficientNet. Attention masks are passed to
+``transformers`` as 4D additive masks built here (no data-dependent branch), so per-sample gradients with
+``torch.func.vmap`` work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pituning.errors import ConfigError
+from pituning.model import ExpertModel
+
+__all__ = ["TASK_TYPES", "TaskModel", "additive_mask"]
+
+TASK_TYPES = ("classification", "pair_classification", "matching", "text_to_text")
+_CAUSAL = {"gpt2", "llama"}
+
+
+def additive_mask(mask: Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A ``(N, 1, T, T)`` (causal) or ``(N, 1, 1, T)`` additive mask from a ``(N, T)`` padding mask."""
+    allowed = mask[:, None, None, :].bool()
+    if causal:
+        length = mask.shape[-1]
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _output(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    for key in ("pooler_output", "text_embeds", "image_embeds"):
+        value = getattr(out, key, None)
+        if isinstance(value, Tensor):
+            return value
+    raise ConfigError(f"Cannot find features in a {type(out).__name__} output.")
+
+
+class TaskModel(nn.Module):
+    """An expert model and a head for one task type.
+
+    Args:
+        experts: the backbone with its experts.
+        task_type: one of :data:`TASK_TYPES`.
+        num_classes: classes (``classification``, ``pair_classification``); ignored otherwise.
+        candidates: ``matching`` only: tokenised candidate texts ``{"input_ids", "attention_mask"}`` ``(C, T)``.
+        dropout: dropout on pooled features before the head.
+    """
+
+    def __init__(
+        self,
+        experts: ExpertModel,
+        task_type: str = "classification",
+        num_classes: int = 2,
+        *,
+        candidates: Mapping[str, Tensor] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if task_type not in TASK_TYPES:
+            raise ConfigError(f"Unknown task_type {task_type!r}; choose one of {list(TASK_TYPES)}.")
+        self.experts = experts
+        self.task_type = task_type
+        self.family = experts.info.family
+        self.dropout = nn.Dropout(dropout)
+        if task_type == "text_to_text":
+            if self.family != "t5":
+                raise ConfigError("task_type='text_to_text' needs an encoder-decoder backbone (T5, task='seq2seq-lm').")
+            self.head: nn.Module = nn.Identity()
+        elif task_type == "matching":
+            if candidates is None:
+                raise ConfigError("task_type='matching' needs candidates: the tokenised texts to match images against.")
+            self.register_buffer("candidate_ids", candidates["input_ids"].clone(), persistent=False)
+            self.register_buffer("candidate_mask", candidates["attention_mask"].clone(), persistent=False)
+            self.head = _Scale()
+        else:
+            if num_classes < 2:
+                raise ConfigError(f"num_classes must be at least 2, got {num_classes}.")
+            width = self._width()
+            self.head = nn.Linear(4 * width if task_type == "pair_classification" else width, num_classes)
+
+    # ------------------------------------------------------------------ features
+    def _width(self) -> int:
+        if self.family == "clip":
+            backbone: Any = self.experts.backbone
+            return int(backbone.config.projection_dim)
+        if self.family == "efficientnet":
+            cnn: Any = self.experts.backbone
+            return int(cnn._conv_head.out_channels)
+        sizes = self.experts.info.hidden_sizes
+        return int(sizes[-1])
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Pooled text features ``(N, d)``."""
+        bb: Any = self.experts.backbone
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.family == "clip":
+            mask = additive_mask(attention_mask, causal=True)
+            return _output(bb.get_text_features(input_ids=input_ids, attention_mask=mask))
+        if self.family == "t5":
+            encoder = bb.get_encoder()
+            hidden = encoder(input_ids=input_ids, attention_mask=additive_mask(attention_mask, False)).last_hidden_state
+            return _masked_mean(hidden, attention_mask)
+        causal = self.family in _CAUSAL
+        out = bb(input_ids=input_ids, attention_mask=additive_mask(attention_mask, causal))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if causal:  # the last real token sees the whole text
+            last = attention_mask.long().sum(dim=-1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return _masked_mean(hidden, attention_mask)
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """Pooled image features ``(N, d)``."""
+        bb: Any = self.experts.backbone
+        if self.family == "efficientnet":
+            return bb.extract_features(pixel_values).mean(dim=(2, 3))
+        if self.family == "clip":
+            return _output(bb.get_image_features(pixel_values=pixel_values))
+        out = bb(pixel_values=pixel_values)
+        return out.last_hidden_state[:, 0]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, **inputs: Tensor) -> Tensor:
+        logits: Tensor
+        if self.task_type == "text_to_text":
+            out = self.experts.backbone(
+                input_ids=inputs["input_ids"],
+                attention_mask=additive_mask(inputs["attention_mask"], False),
+                decoder_input_ids=inputs["decoder_input_ids"],
+            )
+            logits = out.logits
+            return logits
+        if self.task_type == "matching":
+            image = F.normalize(self.image_features(inputs["pixel_values"]), dim=-1)
+            ids, mask = self.candidate_ids, self.candidate_mask
+            assert isinstance(ids, Tensor) and isinstance(mask, Tensor)
+            text = F.normalize(self.text_features(ids, mask), dim=-1)
+            logits = self.head(image @ text.t())
+            return logits
+        if self.task_type == "pair_classification":
+            u = self.image_features(inputs["pixel_values"])
+            v = self.text_features(inputs["input_ids"], inputs.get("attention_mask"))
+            logits = self.head(self.dropout(torch.cat([u, v, u * v, (u - v).abs()], dim=-1)))
+            return logits
+        if "pixel_values" in inputs:
+            features = self.image_features(inputs["pixel_values"])
+        else:
+            features = self.text_features(inputs["input_ids"], inputs.get("attention_mask"))
+        logits = self.head(self.dropout(features))
+        return logits
+
+    def head_state_dict(self) -> dict[str, Tensor]:
+        """The head's weights (saved with the expert)."""
+        return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+
+
+class _Scale(nn.Module):
+    """A learnable temperature for cosine logits (CLIP's ``logit_scale``, initialised to 1/0.07)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))
+
+    def forward(self, cosine: Tensor) -> Tensor:
+        return cosine * self.logit_scale.exp()
+
+
+def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

@@ -1,0 +1,7 @@
+"""The LightningModules of the three π-Tuning stages (importing this package imports Lightning)."""
+
+from pituning.modules.embedding import FisherMetric, TaskEmbeddingModule
+from pituning.modules.expert import ExpertTrainingModule
+from pituning.modules.interpolate import InterpolationModule, select_sources
+
+__all__ = ["ExpertTrainingModule", "FisherMetric", "InterpolationModule", "TaskEmbeddingModule", "select_sources"]

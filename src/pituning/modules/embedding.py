@@ -1,0 +1,154 @@
+"""Stage 2: the task embedding, the diagonal Fisher of a task's expert over its training data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from pituning.bank import ExpertBank
+from pituning.errors import ConfigError
+from pituning.fisher import ESTIMATORS, FisherError, check_fisher, fisher_sum
+from pituning.heads import TaskModel
+from pituning.modules.expert import _DTYPES
+
+__all__ = ["FisherMetric", "TaskEmbeddingModule"]
+
+
+class FisherMetric(Metric):
+    """Running sum of squared gradients (fp32, flat) and a count; reduced across ranks by summing, divided once."""
+
+    full_state_update = False
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros(size, dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    total: Tensor
+    count: Tensor
+
+    def update(self, flat_sum: Tensor, count: int) -> None:  # type: ignore[override]
+        self.total += flat_sum.float()
+        self.count += count
+
+    def compute(self) -> Tensor:
+        if self.count == 0:
+            raise FisherError("The Fisher saw no examples; the training split is empty.")
+        return self.total / self.count.float()
+
+
+class TaskEmbeddingModule(pl.LightningModule):
+    """Compute a task's Fisher embedding at its own expert (or at a shared probe) and store it in the bank.
+
+    Run with ``Trainer(inference_mode=False).test(module, dataloaders=datamodule.embedding_dataloader())``; no
+    parameter ever changes (gradients come from ``torch.func``, no optimizer exists).
+
+    Args:
+        backbone: the frozen backbone (as for training).
+        bank: the bank holding the expert.
+        expert_name: the task's expert; its embedding is stored on this entry.
+        probe: take the Fisher at this bank expert instead (a shared probe for every task, as Task2Vec does); the
+            head stays the task's own.
+        estimator: ``per_sample`` (default), ``loop``, ``batch`` or ``sampled``.
+        backbone_task, task_type, backbone_dtype, attn_implementation: as for :class:`ExpertTrainingModule`.
+        seed: random source of ``sampled`` labels.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        bank: str,
+        expert_name: str,
+        *,
+        probe: str | None = None,
+        estimator: str = "per_sample",
+        backbone_task: str = "base",
+        task_type: str = "classification",
+        backbone_dtype: str | None = None,
+        attn_implementation: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ConfigError(f"Unknown Fisher estimator {estimator!r}; choose one of {list(ESTIMATORS)}.")
+        self.save_hyperparameters()
+        self.task_model: TaskModel | None = None
+        self.fisher: FisherMetric | None = None
+        self.keys: list[str] = []
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.embedding: dict[str, Tensor] | None = None
+        self.skipped: list[str] = []
+
+    def datamodule(self) -> Any:
+        """The trainer's DataModule (``None`` when dataloaders were passed directly)."""
+        return getattr(self.trainer, "datamodule", None)
+
+    @property
+    def hp(self) -> Any:
+        """The saved hyper-parameters (attribute access)."""
+        return self.hparams
+
+    def setup(self, stage: str) -> None:
+        if self.task_model is not None:
+            return
+        from pituning.backbones import load_backbone
+        from pituning.model import ExpertModel
+
+        hp = self.hp
+        bank = ExpertBank(hp.bank)
+        stored = bank.get(hp.expert_name)
+        kwargs: dict[str, Any] = {"task": hp.backbone_task, "dtype": _DTYPES[hp.backbone_dtype]}
+        if hp.attn_implementation is not None:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        experts = ExpertModel(load_backbone(hp.backbone, **kwargs))
+        at = hp.probe or hp.expert_name
+        bank.load_into(experts, at, as_name="embedded")
+        num_classes = len(stored.task.label_names) or 2
+        candidates = None
+        if hp.task_type == "matching":
+            candidates = self.datamodule().candidates()
+        self.task_model = TaskModel(experts, hp.task_type, num_classes, candidates=candidates)
+        if stored.head is not None and hp.task_type != "text_to_text":
+            self.task_model.head.load_state_dict(stored.head)
+        for param in self.task_model.parameters():
+            param.requires_grad_(False)
+        prefix = "experts.backbone."
+        self.params = {n: p for n, p in self.task_model.named_parameters() if n.endswith(".embedded") and ".pi_" in n}
+        self.keys = [n[len(prefix) : -len(".embedded")] for n in self.params]
+        self.fisher = FisherMetric(sum(p.numel() for p in self.params.values()))
+        self._generator = torch.Generator().manual_seed(hp.seed)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        assert self.task_model is not None and self.fisher is not None
+        autocast = torch.bfloat16 if "bf16" in str(self.trainer.precision) else None
+        result = fisher_sum(
+            self.task_model,
+            self.params,
+            [batch],
+            estimator=self.hp.estimator,
+            generator=self._generator,
+            autocast_dtype=autocast,
+        )
+        flat = torch.cat([result.sums[n].reshape(-1) for n in self.params])
+        self.fisher.update(flat, result.count)
+
+    def on_test_epoch_end(self) -> None:
+        assert self.fisher is not None
+        flat = self.fisher.compute()
+        embedding: dict[str, Tensor] = {}
+        offset = 0
+        for key, param in zip(self.keys, self.params.values(), strict=True):
+            embedding[key] = flat[offset : offset + param.numel()].view(param.shape).cpu()
+            offset += param.numel()
+        self.skipped = check_fisher(embedding, self.hp.expert_name)
+        self.embedding = embedding
+        self.log("fisher_mean", flat.mean())
+        self.log("fisher_examples", self.fisher.count.float())
+        if self.trainer.is_global_zero:
+            ExpertBank(self.hp.bank).set_embedding(self.hp.expert_name, embedding)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()

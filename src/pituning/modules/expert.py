@@ -1,0 +1,281 @@
+"""Stage 1: train one expert (and its head) on one task; the backbone stays frozen."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from pituning.backbones import load_backbone
+from pituning.bank import Expert, ExpertBank
+from pituning.errors import ConfigError
+from pituning.experts.base import ExpertConfig, config_from_dict
+from pituning.fisher import log_likelihood
+from pituning.heads import TaskModel
+from pituning.model import ExpertModel
+
+__all__ = ["ExpertTrainingModule"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}
+
+
+class ExpertTrainingModule(pl.LightningModule):
+    """Train expert ``expert_name`` of kind ``expert`` and a head on the DataModule's task; store it in ``bank``.
+
+    Args:
+        backbone: hub name or local directory of the frozen backbone (``efficientnet-lite0`` for the CNN).
+        expert: the expert's config as a dict with its ``kind`` (``{"kind": "lora", "r": 8}``).
+        expert_name: its name in the bank.
+        bank: bank directory or URL; the trained expert and head are stored there at the end of fit (rank zero).
+        backbone_task: auto class of the backbone (``base``, ``seq2seq-lm`` for text-to-text T5, ...).
+        task_type: ``classification``, ``pair_classification``, ``matching`` or ``text_to_text``.
+        num_classes: classes; by default read from the DataModule.
+        init_from: start from this bank expert (its weights and head) instead of a fresh expert: the
+            "best source as initialisation" baseline, and evaluation of a stored expert.
+        lr: learning rate of the expert.
+        head_lr: learning rate of the head (default ``lr``).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: linear warm-up over this fraction of the steps, then linear decay to zero.
+        label_smoothing: cross-entropy label smoothing.
+        dropout: dropout on pooled features.
+        backbone_dtype: ``bfloat16`` keeps the frozen backbone in bf16 (bf16-true); experts stay fp32.
+        attn_implementation: ``eager`` or ``sdpa``.
+        overwrite: replace a bank entry of the same name.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        expert: dict[str, Any] | None = None,
+        expert_name: str = "expert",
+        bank: str | None = None,
+        *,
+        backbone_task: str = "base",
+        task_type: str = "classification",
+        num_classes: int | None = None,
+        init_from: str | None = None,
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        label_smoothing: float = 0.0,
+        dropout: float = 0.0,
+        backbone_dtype: str | None = None,
+        attn_implementation: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        if backbone_dtype not in _DTYPES:
+            raise ConfigError(f"backbone_dtype must be float32, bfloat16 or None, got {backbone_dtype!r}.")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
+        self.save_hyperparameters()
+        self.expert_config: ExpertConfig = config_from_dict(expert or {"kind": "lora"})
+        self.expert_name = expert_name
+        self.bank_location = bank
+        self.task_model: TaskModel | None = None
+        self.metrics = nn.ModuleDict()
+        self.stored: Expert | None = None
+        if num_classes is not None or task_type == "text_to_text":
+            self._build(num_classes or 2, None)
+
+    def datamodule(self) -> Any:
+        """The trainer's DataModule (``None`` when dataloaders were passed directly)."""
+        return getattr(self.trainer, "datamodule", None)
+
+    @property
+    def hp(self) -> Any:
+        """The saved hyper-parameters (attribute access)."""
+        return self.hparams
+
+    # ------------------------------------------------------------------ building
+    def load_experts(self) -> ExpertModel:
+        """The frozen backbone with no experts yet."""
+        hp = self.hp
+        kwargs: dict[str, Any] = {"task": hp.backbone_task, "dtype": _DTYPES[hp.backbone_dtype]}
+        if hp.attn_implementation is not None:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        return ExpertModel(load_backbone(hp.backbone, **kwargs))
+
+    def bank(self) -> ExpertBank:
+        """The bank (raises if none was configured)."""
+        if self.bank_location is None:
+            raise ConfigError(f"{type(self).__name__} needs bank=... to read or store experts.")
+        return ExpertBank(self.bank_location)
+
+    def add_experts(self, experts: ExpertModel) -> dict[str, Tensor] | None:
+        """Put the trainable expert(s) into ``experts``; returns a head state to start from, if any."""
+        if self.hp.init_from:
+            stored = self.bank().load_into(experts, self.hp.init_from, as_name=self.expert_name)
+            self.expert_config = stored.config
+            return stored.head
+        experts.add_expert(self.expert_name, self.expert_config)
+        return None
+
+    def _build(self, num_classes: int, candidates: dict[str, Tensor] | None) -> None:
+        experts = self.load_experts()
+        head_state = self.add_experts(experts)
+        hp = self.hp
+        self.task_model = TaskModel(experts, hp.task_type, num_classes, candidates=candidates, dropout=hp.dropout)
+        if head_state is not None:
+            try:
+                self.task_model.head.load_state_dict(head_state)
+            except RuntimeError as err:
+                raise ConfigError(f"The stored head does not fit this task ({err}); check num_classes.") from err
+        self.trainable_names = self.select_trainable()
+        self.metrics = nn.ModuleDict(
+            {f"{split}_acc": MulticlassAccuracy(num_classes=num_classes) for split in ("train", "val", "test")}
+        )
+        self.num_classes = num_classes
+
+    def select_trainable(self) -> list[str]:
+        """Freeze all but the expert and the head; returns the trainable parameter names."""
+        assert self.task_model is not None
+        self.task_model.experts.set_trainable([self.expert_name], interpolation=False)
+        for param in self.task_model.head.parameters():
+            param.requires_grad_(True)
+        return [n for n, p in self.task_model.named_parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        if self.task_model is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ConfigError("num_classes was not given and there is no DataModule to read it from.")
+        datamodule.setup(stage)
+        candidates = datamodule.candidates() if self.hp.task_type == "matching" else None
+        self._build(datamodule.num_classes, candidates)
+        self.hp.num_classes = datamodule.num_classes
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, **inputs: Tensor) -> Tensor:
+        assert self.task_model is not None, "call setup() first (or give num_classes)"
+        return self.task_model(**inputs)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.dim() == 3:  # text-to-text: token cross-entropy
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.hp.label_smoothing)
+
+    def predict_classes(self, batch: dict[str, Tensor]) -> Tensor:
+        """Predicted class per example (text-to-text: the class whose target text is most likely)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.hp.task_type != "text_to_text":
+            return self(**inputs).argmax(dim=-1)
+        datamodule = self.datamodule()
+        scores = []
+        for target in datamodule.class_targets():
+            target = target.to(self.device)
+            n = inputs["input_ids"].shape[0]
+            labels = target[None].expand(n, -1)
+            start = torch.zeros(n, 1, dtype=labels.dtype, device=self.device)
+            decoder = torch.cat([start, labels[:, :-1]], dim=1)
+            logits = self(**{**inputs, "decoder_input_ids": decoder})
+            scores.append(log_likelihood(logits, labels))
+        return torch.stack(scores, dim=-1).argmax(dim=-1)
+
+    def _class_labels(self, batch: dict[str, Tensor]) -> Tensor:
+        labels = batch["labels"]
+        if self.hp.task_type != "text_to_text":
+            return labels
+        targets = self.datamodule().class_targets()
+        out = torch.full((labels.shape[0],), -1, dtype=torch.long, device=labels.device)
+        for c, target in enumerate(targets):
+            t = target.to(labels.device)
+            width = min(t.shape[0], labels.shape[1])
+            same = (labels[:, :width] == t[:width]).all(dim=1) & ((labels[:, width:] == -100).all(dim=1))
+            out[same & (t.shape[0] <= labels.shape[1])] = c
+        return out
+
+    def _metric(self, name: str) -> MulticlassAccuracy:
+        metric = self.metrics[name]
+        assert isinstance(metric, MulticlassAccuracy)
+        return metric
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        labels = batch["labels"]
+        logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+        loss = self._loss(logits, labels)
+        self.log("train_loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        if logits.dim() == 2:
+            self.metrics["train_acc"](logits.argmax(-1), labels)
+            self.log("train_acc", self._metric("train_acc"), on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
+        labels = batch["labels"]
+        logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+        self.log(f"{split}_loss", self._loss(logits, labels), prog_bar=True, batch_size=labels.shape[0], sync_dist=True)
+        self.metrics[f"{split}_acc"](self.predict_classes(batch), self._class_labels(batch))
+        self.log(f"{split}_acc", self._metric(f"{split}_acc"), prog_bar=True, batch_size=labels.shape[0])
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: the expert(s) and the head."""
+        assert self.task_model is not None
+        hp = self.hp
+        head = [p for p in self.task_model.head.parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head}
+        experts = [p for p in self.task_model.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [{"params": experts, "lr": hp.lr, "name": "experts"}]
+        if head:
+            groups.append({"params": head, "lr": hp.head_lr or hp.lr, "name": "head"})
+        return [g for g in groups if g["params"]]
+
+    def lr_factor(self, group: dict[str, Any], step: int, *, total: int) -> float:
+        """Linear warm-up then linear decay to zero."""
+        warmup = int(self.hp.warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    def configure_optimizers(self) -> Any:
+        groups = self.param_groups()
+        if not groups:
+            raise ConfigError("Nothing to train: no parameter requires a gradient.")
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 1000
+        lambdas: list[Callable[[int], float]] = [
+            functools.partial(self.lr_factor, g, total=total)
+            for g in groups  # type: ignore[misc]
+        ]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ storing
+    def expert_to_store(self) -> tuple[str, dict[str, Any]]:
+        """Name of the expert to store and extra provenance."""
+        return self.expert_name, {"stage": "train-expert", "init_from": self.hp.init_from}
+
+    def on_fit_end(self) -> None:
+        if self.bank_location is None or self.task_model is None:
+            return
+        if self.trainer.is_global_zero:
+            name, provenance = self.expert_to_store()
+            datamodule = self.datamodule()
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+            self.stored = Expert.from_model(
+                self.task_model.experts,
+                name,
+                datamodule.task_info(),
+                metrics=metrics,
+                head=self.task_model.head_state_dict(),
+                provenance=provenance,
+            )
+            self.bank().add(self.stored, overwrite=self.hp.overwrite)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()

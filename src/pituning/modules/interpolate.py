@@ -1,0 +1,202 @@
+"""Stage 3: fine-tune the target with a learnable interpolation of similar source experts and its own expert."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from torch import Tensor
+
+from pituning.bank import ExpertBank
+from pituning.errors import BankError, ConfigError
+from pituning.experts.inject import check_train_mode
+from pituning.model import ExpertModel
+from pituning.modules.expert import ExpertTrainingModule
+
+__all__ = ["InterpolationModule", "select_sources"]
+
+
+def select_sources(
+    bank: ExpertBank,
+    target: str,
+    k: int,
+    *,
+    rescale: str = "unit_mean",
+    kind: str | None = None,
+    modality: str | None = None,
+    candidates: list[str] | None = None,
+) -> list[tuple[str, float]]:
+    """The ``k`` sources most similar to ``target`` by their stored Fisher embeddings.
+
+    Args:
+        bank: the bank.
+        target: the target's entry (it needs an embedding).
+        k: how many.
+        rescale: Fisher rescaling.
+        kind: only experts of this kind.
+        modality: only this modality.
+        candidates: rank only these entries (for example the suite's sources, not other targets).
+
+    Raises:
+        BankError: the target has no embedding, or fewer than ``k`` sources are comparable with it.
+    """
+    ranked = bank.similar(target, k=max(1, len(bank)), rescale=rescale, kind=kind, modality=modality)
+    if candidates is not None:
+        ranked = [(n, s) for n, s in ranked if n in set(candidates)]
+    if len(ranked) < k:
+        raise BankError(
+            f"k={k} sources were asked for target {target!r} but only {len(ranked)} comparable source(s) with task "
+            "embeddings are in the bank (same expert layout and backbone); lower k or embed more sources."
+        )
+    return ranked[:k]
+
+
+class InterpolationModule(ExpertTrainingModule):
+    """π-Tuning on the target task: interpolate the top-k similar source experts and the target's own expert.
+
+    The pool is the sources (chosen by Fisher similarity to ``target``, or given) plus the target expert, fresh or
+    trained. Learnable logits per layer and insertion point start equal; mode ``experts_and_weights`` trains logits
+    and every pool expert, ``weights_only`` the logits (and the head). At the end of fit the pool collapses into one
+    plain expert ``output_name``, stored in the bank with its sources, similarities and learned weights.
+
+    Args:
+        target: bank entry of the target task's expert: its embedding ranks the sources, and it is the target expert
+            when ``target_init="trained"``. Its config is used for a fresh target expert unless ``expert`` is given.
+        sources: the source experts; by default the ``k`` most similar to ``target``.
+        candidates: the entries ``sources`` are chosen among (default: every comparable bank entry).
+        k: how many sources (0 trains the target expert alone through the same code path).
+        target_init: ``fresh`` (a new expert) or ``trained`` (the stored target expert).
+        mode: ``experts_and_weights`` or ``weights_only``.
+        logits_lr: learning rate of the interpolation logits (the experts use ``lr``).
+        weights_only_steps: train only the logits (and the head) for this many steps first.
+        output_name: name of the collapsed expert (default ``<target>_pi``).
+        rescale: Fisher rescaling for the similarity (``unit_mean`` or ``none``).
+        head_init: ``target`` (the target expert's stored head) or ``fresh``.
+        **kwargs: :class:`ExpertTrainingModule` options (``backbone``, ``bank``, ``lr``, ...).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        bank: str,
+        target: str,
+        *,
+        sources: list[str] | None = None,
+        candidates: list[str] | None = None,
+        k: int = 3,
+        target_init: str = "fresh",
+        mode: str = "experts_and_weights",
+        logits_lr: float = 5e-2,
+        weights_only_steps: int = 0,
+        output_name: str | None = None,
+        rescale: str = "unit_mean",
+        head_init: str = "target",
+        expert: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_train_mode(mode)
+        if target_init not in ("fresh", "trained"):
+            raise ConfigError(f"target_init must be 'fresh' or 'trained', got {target_init!r}.")
+        if head_init not in ("target", "fresh"):
+            raise ConfigError(f"head_init must be 'target' or 'fresh', got {head_init!r}.")
+        if k < 0:
+            raise ConfigError(f"k must be >= 0, got {k}.")
+        # set before the parent's __init__, which may already build the pool (when num_classes is given)
+        self.target = target
+        self.opts: dict[str, Any] = {
+            "sources": sources,
+            "candidates": candidates,
+            "k": k,
+            "target_init": target_init,
+            "mode": mode,
+            "logits_lr": logits_lr,
+            "weights_only_steps": weights_only_steps,
+            "output_name": output_name,
+            "rescale": rescale,
+            "head_init": head_init,
+        }
+        self.selected: list[tuple[str, float]] = []
+        self.pool: list[str] = []
+        stored_config = ExpertBank(bank, create=False).get(target).config.to_dict()
+        super().__init__(backbone, expert or stored_config, f"{target}_target", bank, **kwargs)
+        self.save_hyperparameters()
+
+    def add_experts(self, experts: ExpertModel) -> dict[str, Tensor] | None:
+        hp = self.opts
+        bank = self.bank()
+        if hp["sources"] is not None:
+            if len(hp["sources"]) < hp["k"]:
+                raise BankError(f"k={hp['k']} but only {len(hp['sources'])} sources were given.")
+            self.selected = [(s, float("nan")) for s in hp["sources"][: hp["k"]]]
+        elif hp["k"] > 0:
+            pool = [c for c in hp["candidates"] if c != self.target] if hp["candidates"] is not None else None
+            self.selected = select_sources(
+                bank, self.target, hp["k"], rescale=hp["rescale"], kind=self.expert_config.kind, candidates=pool
+            )
+        for name, _ in self.selected:
+            bank.load_into(experts, name, activate=False)
+        target = bank.get(self.target)
+        if hp["target_init"] == "trained":
+            bank.load_into(experts, self.target, as_name=self.expert_name, activate=False)
+        else:
+            experts.add_expert(self.expert_name, self.expert_config, activate=False)
+        self.pool = [name for name, _ in self.selected] + [self.expert_name]
+        experts.interpolate(self.pool)
+        return target.head if hp["head_init"] == "target" else None
+
+    def select_trainable(self) -> list[str]:
+        assert self.task_model is not None
+        experts = self.pool if self.opts["mode"] == "experts_and_weights" else []
+        self.task_model.experts.set_trainable(experts, interpolation=True)
+        for param in self.task_model.head.parameters():
+            param.requires_grad_(True)
+        return [n for n, p in self.task_model.named_parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        assert self.task_model is not None
+        logits = [p for p in self.task_model.experts.interpolation_parameters().values() if p.requires_grad]
+        logit_ids = {id(p) for p in logits}
+        groups = []
+        for group in super().param_groups():
+            group["params"] = [p for p in group["params"] if id(p) not in logit_ids]
+            groups.append(group)
+        groups.append({"params": logits, "lr": self.opts["logits_lr"], "name": "logits", "weight_decay": 0.0})
+        return [g for g in groups if g["params"]]
+
+    def lr_factor(self, group: dict[str, Any], step: int, *, total: int) -> float:
+        if group.get("name") == "experts" and step < self.opts["weights_only_steps"]:
+            return 0.0
+        return super().lr_factor(group, step, total=total)
+
+    def mean_weights(self) -> dict[str, float]:
+        """Mean interpolation weight of each pool member over all insertion points."""
+        assert self.task_model is not None
+        sums: dict[str, float] = defaultdict(float)
+        per_module = self.task_model.experts.interpolation_weights()
+        for weights in per_module.values():
+            for name, value in weights.items():
+                sums[name] += value
+        return {name: value / max(1, len(per_module)) for name, value in sums.items()}
+
+    def on_train_epoch_end(self) -> None:
+        for name, value in self.mean_weights().items():
+            self.log(f"alpha/{name}", value)
+
+    def expert_to_store(self) -> tuple[str, dict[str, Any]]:
+        assert self.task_model is not None
+        hp = self.opts
+        name = hp["output_name"] or f"{self.target}_pi"
+        weights = self.mean_weights()
+        per_module = self.task_model.experts.interpolation_weights()
+        self.task_model.experts.collapse(name)
+        provenance = {
+            "stage": "interpolate",
+            "target": self.target,
+            "sources": [n for n, _ in self.selected],
+            "similarities": dict(self.selected),
+            "mean_weights": weights,
+            "weights": per_module,
+            "mode": hp["mode"],
+            "target_init": hp["target_init"],
+        }
+        return name, provenance

@@ -1,0 +1,66 @@
+"""A tiny BERT with a word-level tokenizer saved to a directory, and synthetic keyword tasks as jsonl files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = [f"w{i}" for i in range(48)]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_bert_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a randomly initialised tiny BERT and a whitespace word-level tokenizer to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def keyword_task(
+    path: Path,
+    keywords: tuple[list[str], list[str]],
+    n: int,
+    *,
+    seed: int,
+    length: int = 8,
+    vocabulary: list[str] | None = None,
+) -> Path:
+    """A binary task: a sentence of filler words (from ``vocabulary``, a domain) with one keyword of its label."""
+    rng = random.Random(seed)
+    used = set(keywords[0]) | set(keywords[1])
+    filler = [w for w in (vocabulary or WORDS) if w not in used]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(filler, k=length - 1)
+        words.insert(rng.randrange(length), rng.choice(keywords[label]))
+        rows.append({"text": " ".join(words), "label": ["neg", "pos"][label]})
+    rng.shuffle(rows)
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def domain(index: int, size: int = 16) -> list[str]:
+    """The words of domain ``index`` (``size`` consecutive words)."""
+    return WORDS[index * size : (index + 1) * size]
