@@ -12,8 +12,12 @@ WORDS = [f"w{i}" for i in range(48)]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def tiny_bert_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Save a randomly initialised tiny BERT and a whitespace word-level tokenizer to ``path``."""
+def tiny_bert_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, domain_shift: float = 0.1) -> Path:
+    """Save a randomly initialised tiny BERT and a whitespace word-level tokenizer to ``path``.
+
+    The words of domain ``d`` (see :func:`domain`) get ``domain_shift`` added to embedding dimensions
+    ``[8d, 8d + 8)``: like a pretrained model, the backbone then represents each domain along its own features.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -32,7 +36,13 @@ def tiny_bert_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 
         vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0,
     )  # fmt: skip
-    BertModel(config).save_pretrained(path)
+    model = BertModel(config)
+    with torch.no_grad():
+        for index, word in enumerate(WORDS):
+            d = index // 16
+            if 8 * (d + 1) <= hidden:
+                model.embeddings.word_embeddings.weight[vocab[word], 8 * d : 8 * (d + 1)] += domain_shift
+    model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
 

@@ -47,19 +47,23 @@ def load_table(
             raise ConfigError(f"Unsupported data file {source!r}; use csv, tsv, jsonl, json or parquet.")
         if path.suffix.lower() == ".tsv":
             kwargs.setdefault("delimiter", "\t")
-        loaded = datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+        if path.stat().st_size == 0:
+            raise DataError(f"Data file {source!r} is empty.")
+        builder_args: tuple[Any, ...] = (builder,)
+        kwargs = {"data_files": {"train": str(path)}, **kwargs}
     elif path.is_dir() and any(p.stem in split_names and p.suffix.lower() in _FILE_BUILDERS for p in path.iterdir()):
         files = {p.stem: str(p) for p in sorted(path.iterdir()) if p.stem in split_names}
-        builder = _FILE_BUILDERS[Path(next(iter(files.values()))).suffix.lower()]
-        loaded = datasets.load_dataset(builder, data_files=files, **kwargs)
+        builder_args = (_FILE_BUILDERS[Path(next(iter(files.values()))).suffix.lower()],)
+        kwargs = {"data_files": files, **kwargs}
     else:
-        try:
-            loaded = datasets.load_dataset(source, **kwargs)
-        except Exception as err:
-            raise DataError(
-                f"Could not load dataset {source!r} ({type(err).__name__}: {err}). Pass an existing local file or "
-                "directory, or a dataset name available offline in the Hugging Face cache."
-            ) from err
+        builder_args = (source,)
+    try:
+        loaded = datasets.load_dataset(*builder_args, **kwargs)
+    except Exception as err:
+        raise DataError(
+            f"Could not load dataset {source!r} ({type(err).__name__}: {err}). Pass an existing local file or "
+            "directory, or a dataset name available offline in the Hugging Face cache."
+        ) from err
     return dict(loaded)
 
 

@@ -114,7 +114,7 @@ class ImageClassificationDataModule(TaskDataModule):
             if "images" not in data or "labels" not in data:
                 raise DataError(f"{path} must hold arrays 'images' and 'labels' (found {sorted(data.files)}).")
             images, labels = data["images"], data["labels"]
-            if "label_names" in data and not self.label_names:
+            if "label_names" in data:  # integer labels indexing stored class names
                 names = [str(n) for n in data["label_names"]]
                 return {"train": (list(images), [names[int(y)] for y in labels])}
         return {"train": (list(images), [int(y) for y in labels])}

@@ -1,0 +1,142 @@
+"""DataModules: local files, splits, k-shot sampling, determinism, task metadata, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.conftest import text_data
+from pituning.data import (
+    DataError,
+    ImageClassificationDataModule,
+    TextClassificationDataModule,
+    VisionLanguageDataModule,
+    to_pixels,
+)
+
+
+def test_text_splits_shots_and_metadata(tiny_backbone: str, tasks: dict[str, str]) -> None:
+    full = text_data(tasks["target"], tiny_backbone, "t", test_fraction=0.2, val_fraction=0.1)
+    full.setup()
+    sizes = {k: len(v[1]) for k, v in full.splits.items()}
+    assert sizes == {"train": 432, "validation": 48, "test": 120}
+    shots = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=16, seed=3)
+    shots.setup()
+    labels = shots.splits["train"][1]
+    assert len(labels) == 32 and labels.count(0) == labels.count(1) == 16
+    assert shots.splits["test"] == full.splits["test"]  # the test set does not depend on the shots' seed
+    again = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=16, seed=3)
+    again.setup()
+    assert again.splits["train"] == shots.splits["train"]
+    other = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=16, seed=4)
+    other.setup()
+    assert other.splits["train"] != shots.splits["train"]
+    info = shots.task_info()
+    assert (info.name, info.modality, info.label_names, info.num_examples, info.shots) == (
+        "t",
+        "text",
+        ["neg", "pos"],
+        32,
+        16,
+    )
+    batch = next(iter(shots.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 32
+    assert batch["input_ids"][:, 0].eq(2).all()  # [CLS] first: the backbone's tokenizer is used
+
+
+def _write(path: Path, rows: list[dict[str, object]]) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_text_errors(tiny_backbone: str, tmp_path: Path) -> None:
+    single = _write(tmp_path / "one.jsonl", [{"text": "w1 w2", "label": "pos"}] * 20)
+    with pytest.raises(DataError, match="single class"):
+        text_data(single, tiny_backbone, "one").setup()
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError):
+        text_data(str(tmp_path / "empty.jsonl"), tiny_backbone, "empty").setup()
+    few = _write(tmp_path / "few.jsonl", [{"text": "w1", "label": i % 2} for i in range(12)])
+    with pytest.raises(DataError, match="fewer than shots_per_class=16"):
+        text_data(few, tiny_backbone, "few", shots_per_class=16).setup()
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['sentence'\]"):
+        text_data(few, tiny_backbone, "few", text_column="sentence").setup()
+    with pytest.raises(DataError, match="Could not load dataset 'no/such-dataset'"):
+        text_data("no/such-dataset", tiny_backbone, "x").setup()
+
+
+def test_text_to_text_targets(tiny_backbone: str, tasks: dict[str, str]) -> None:
+    data = text_data(tasks["close"], tiny_backbone, "c", text_to_text=True, label_names=["neg", "pos"])
+    data.setup()
+    item = data.dataset("train")[0]
+    assert set(item) == {"input_ids", "attention_mask", "decoder_input_ids", "labels"}
+    assert torch.equal(item["decoder_input_ids"][1:], item["labels"][:-1])
+
+
+def test_images_from_npz_and_folder(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (60, 28, 28), dtype=np.uint8)
+    labels = np.arange(60) % 3
+    np.savez(tmp_path / "x.npz", images=images, labels=labels, label_names=np.array(["a", "b", "c"]))
+    data = ImageClassificationDataModule(
+        str(tmp_path / "x.npz"), "imgs", image_size=16, shots_per_class=4, classes=["a", "c"]
+    )
+    data.setup()
+    assert data.label_names == ["a", "c"] and len(data.splits["train"][1]) == 8
+    item = data.dataset("train")[0]
+    assert item["pixel_values"].shape == (3, 16, 16)
+    assert item["pixel_values"].min() >= -1.0 and item["pixel_values"].max() <= 1.0
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "folder" / label / f"{i}.png"
+            )
+    folder = ImageClassificationDataModule(
+        str(tmp_path / "folder"), "pets", image_size=8, test_fraction=0.25, val_fraction=0
+    )
+    folder.setup()
+    assert folder.label_names == ["cat", "dog"] and len(folder.splits["test"][1]) == 3
+    assert next(iter(folder.train_dataloader()))["pixel_values"].shape[1:] == (3, 8, 8)
+
+
+def test_to_pixels_normalises_like_efficientnet() -> None:
+    white = np.full((4, 4, 3), 255, dtype=np.uint8)
+    assert torch.allclose(to_pixels(white, 4), torch.ones(3, 4, 4))
+    assert to_pixels(np.zeros((5, 5)), 2).shape == (3, 2, 2)
+
+
+def test_vision_language_pairs_and_matching(tiny_backbone: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    rows = []
+    for i in range(24):
+        Image.fromarray(np.full((8, 8, 3), i * 10, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "text": f"w{i % 4} w5", "label": ["no", "yes"][i % 2]})
+    table = _write(tmp_path / "pairs.jsonl", rows)
+    pair = VisionLanguageDataModule(table, tiny_backbone, "vl", image_size=8, batch_size=4)
+    pair.setup()
+    batch = next(iter(pair.train_dataloader()))
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    match = VisionLanguageDataModule(
+        table, tiny_backbone, "vl", mode="matching", caption_template="w1 {}", image_size=8
+    )
+    candidates = match.candidates()
+    assert candidates["input_ids"].shape[0] == 2 and match.task_info().modality == "vision-language"
+    with pytest.raises(DataError, match="mode must be one of"):
+        VisionLanguageDataModule(table, tiny_backbone, "vl", mode="retrieval")
+
+
+def test_text_module_rejects_bad_options(tiny_backbone: str, tasks: dict[str, str]) -> None:
+    from pituning import ConfigError
+
+    with pytest.raises(ConfigError, match="shots_per_class must be >= 1"):
+        TextClassificationDataModule(tasks["close"], tiny_backbone, "c", shots_per_class=0)
+    with pytest.raises(ConfigError, match="val_fraction must be in"):
+        TextClassificationDataModule(tasks["close"], tiny_backbone, "c", val_fraction=1.5)
