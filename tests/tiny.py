@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,3 +75,29 @@ def keyword_task(
 def domain(index: int, size: int = 16) -> list[str]:
     """The words of domain ``index`` (``size`` consecutive words)."""
     return WORDS[index * size : (index + 1) * size]
+
+
+def trainer(**kwargs: Any) -> Any:
+    import lightning.pytorch as pl
+
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def text_data(path: str, backbone: str, name: str, **kwargs: Any) -> Any:
+    from pituning.data import TextClassificationDataModule
+
+    options: dict[str, Any] = {"batch_size": 32, "max_length": 16}
+    return TextClassificationDataModule(path, backbone, name, **{**options, **kwargs})
+
+
+def task_keywords(index: int) -> tuple[list[str], list[str]]:
+    """The keywords of domain ``index``: two per label."""
+    words = domain(index)
+    return words[:2], words[2:4]

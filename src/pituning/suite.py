@@ -101,6 +101,18 @@ def make_probe(backbone: str, config: dict[str, Any], bank: ExpertBank, *, name:
     return name
 
 
+def _loggers(root: Path, name: str) -> list[Any]:
+    """CSV logs always; TensorBoard too when ``tensorboard`` is installed."""
+    import importlib.util
+
+    import lightning.pytorch as pl
+
+    loggers: list[Any] = [pl.loggers.CSVLogger(str(root / "logs"), name=name)]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(pl.loggers.TensorBoardLogger(str(root / "tensorboard"), name=name))
+    return loggers
+
+
 def _trainer(cfg: SuiteConfig, root: Path, **kwargs: Any) -> Any:
     import lightning.pytorch as pl
 
@@ -108,7 +120,7 @@ def _trainer(cfg: SuiteConfig, root: Path, **kwargs: Any) -> Any:
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         precision=cfg.precision,  # type: ignore[arg-type]
-        logger=pl.loggers.CSVLogger(str(root / "logs"), name=kwargs.pop("name", "stage")),
+        logger=_loggers(root, kwargs.pop("name", "stage")),
         enable_checkpointing=False,
         enable_model_summary=False,
         **kwargs,
@@ -151,7 +163,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     def embed(name: str, datamodule: Any) -> None:
         module = TaskEmbeddingModule(cfg.backbone, location, name, probe=probe, estimator=cfg.estimator)
         trainer = _trainer(cfg, root, name=f"embed-{name}", inference_mode=False)
-        trainer.test(module, dataloaders=datamodule.embedding_dataloader(), verbose=False)
+        trainer.predict(module, dataloaders=datamodule.embedding_dataloader())
 
     for task in cfg.sources:
         if task.name in bank and bank.entry(task.name).has_embedding:

@@ -97,6 +97,12 @@ def test_invalid_expert_names(name: str) -> None:
         _bert().add_expert(name, LoraConfig())
 
 
+@pytest.mark.parametrize("name", ["eval", "train", "forward", "to"])
+def test_reserved_expert_names(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"Expert name '{name}' is reserved"):
+        _bert().add_expert(name, LoraConfig())
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [

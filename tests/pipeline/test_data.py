@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.conftest import text_data
 from pituning.data import (
     DataError,
     ImageClassificationDataModule,
@@ -17,6 +16,7 @@ from pituning.data import (
     VisionLanguageDataModule,
     to_pixels,
 )
+from tiny import text_data
 
 
 def test_text_splits_shots_and_metadata(tiny_backbone: str, tasks: dict[str, str]) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from pipeline.conftest import text_data, trainer
 from pituning import ExpertBank
 from pituning.graph import TaskGraph
 from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
 from pituning.suite import make_probe
+from tiny import text_data, trainer
 
 pytestmark = pytest.mark.slow
 EXPERT = {"kind": "lora", "r": 4, "alpha": 8}
@@ -26,7 +26,7 @@ def test_pi_tuning_end_to_end(tiny_backbone: str, tasks: dict[str, str], tmp_pat
 
     def embed(name: str, data: object) -> None:
         module = TaskEmbeddingModule(tiny_backbone, bank_location, name, probe=probe)
-        trainer(inference_mode=False).test(module, dataloaders=data.embedding_dataloader(), verbose=False)  # type: ignore[attr-defined]
+        trainer(inference_mode=False).predict(module, dataloaders=data.embedding_dataloader())  # type: ignore[attr-defined]
 
     for name in SOURCES:
         pl.seed_everything(0, verbose=False)

@@ -8,13 +8,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from pipeline.conftest import text_data, trainer
 from pituning import ExpertBank
 from pituning.bank import Expert
 from pituning.errors import BackboneMismatchError, BankError
 from pituning.fisher import FisherError
 from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
-from tiny import tiny_bert_dir
+from tiny import text_data, tiny_bert_dir, trainer
 
 EXPERT = {"kind": "lora", "r": 4, "alpha": 8}
 
@@ -30,7 +29,7 @@ def _train(backbone: str, data_path: str, name: str, bank: str) -> ExpertTrainin
 def _embed(backbone: str, bank: str, name: str, data_path: str, **kwargs: object) -> TaskEmbeddingModule:
     module = TaskEmbeddingModule(backbone, bank, name, **kwargs)  # type: ignore[arg-type]
     data = text_data(data_path, backbone, name, max_train_examples=96)
-    trainer(inference_mode=False).test(module, dataloaders=data.embedding_dataloader(), verbose=False)
+    trainer(inference_mode=False).predict(module, dataloaders=data.embedding_dataloader())
     return module
 
 
@@ -54,7 +53,7 @@ def test_embedding_changes_no_parameter(tiny_backbone: str, tasks: dict[str, str
     module.setup("test")
     assert module.task_model is not None
     before = {n: p.detach().clone() for n, p in module.task_model.named_parameters()}
-    fit.test(module, dataloaders=data.embedding_dataloader(), verbose=False)
+    fit.predict(module, dataloaders=data.embedding_dataloader())
     for name, param in module.task_model.named_parameters():
         assert torch.equal(param, before[name]), name
     embedding = ExpertBank(bank).get("close").embedding
@@ -97,8 +96,8 @@ def test_bf16_mixed_in_all_three_stages(tiny_backbone: str, tasks: dict[str, str
         trainer(max_epochs=1, precision="bf16-mixed").fit(
             ExpertTrainingModule(tiny_backbone, EXPERT, name, bank, lr=1e-2), data
         )
-        trainer(inference_mode=False, precision="bf16-mixed").test(
-            TaskEmbeddingModule(tiny_backbone, bank, name), dataloaders=data.embedding_dataloader(), verbose=False
+        trainer(inference_mode=False, precision="bf16-mixed").predict(
+            TaskEmbeddingModule(tiny_backbone, bank, name), dataloaders=data.embedding_dataloader()
         )
     emb = ExpertBank(bank).get("close").embedding
     assert emb is not None and all(v.dtype == torch.float32 for v in emb.values())

@@ -78,7 +78,9 @@ class VisionLanguageDataModule(TaskDataModule):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            from pituning.backbones import resolve_model_path
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
             if self._tokenizer.pad_token is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
             self._pad_ids = {"input_ids": int(self._tokenizer.pad_token_id), "attention_mask": 0}

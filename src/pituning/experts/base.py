@@ -50,6 +50,10 @@ def validate_name(name: str) -> str:
             f"Invalid expert name {name!r}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit "
             "(no '.', '/', '..' or spaces), e.g. 'airline_ua'."
         )
+    if hasattr(nn.ParameterDict, name):
+        raise ConfigError(
+            f"Expert name {name!r} is reserved (a torch module attribute); choose another, e.g. '{name}_1'."
+        )
     return name
 
 

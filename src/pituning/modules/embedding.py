@@ -44,8 +44,10 @@ class FisherMetric(Metric):
 class TaskEmbeddingModule(pl.LightningModule):
     """Compute a task's Fisher embedding at its own expert (or at a shared probe) and store it in the bank.
 
-    Run with ``Trainer(inference_mode=False).test(module, dataloaders=datamodule.embedding_dataloader())``; no
-    parameter ever changes (gradients come from ``torch.func``, no optimizer exists).
+    Run with ``Trainer(inference_mode=False).predict(module, dataloaders=datamodule.embedding_dataloader())``: the
+    predict loop gives every example to exactly one rank under DDP (no padding duplicates), and each rank's sum and
+    count are reduced once at the end. No parameter ever changes (gradients come from ``torch.func``; there is no
+    optimizer).
 
     Args:
         backbone: the frozen backbone (as for training).
@@ -81,6 +83,7 @@ class TaskEmbeddingModule(pl.LightningModule):
         self.keys: list[str] = []
         self.params: dict[str, torch.nn.Parameter] = {}
         self.embedding: dict[str, Tensor] | None = None
+        self.examples = 0
         self.skipped: list[str] = []
 
     def datamodule(self) -> Any:
@@ -122,7 +125,7 @@ class TaskEmbeddingModule(pl.LightningModule):
         self.fisher = FisherMetric(sum(p.numel() for p in self.params.values()))
         self._generator = torch.Generator().manual_seed(hp.seed)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         assert self.task_model is not None and self.fisher is not None
         autocast = torch.bfloat16 if "bf16" in str(self.trainer.precision) else None
         result = fisher_sum(
@@ -136,7 +139,7 @@ class TaskEmbeddingModule(pl.LightningModule):
         flat = torch.cat([result.sums[n].reshape(-1) for n in self.params])
         self.fisher.update(flat, result.count)
 
-    def on_test_epoch_end(self) -> None:
+    def on_predict_epoch_end(self) -> None:
         assert self.fisher is not None
         flat = self.fisher.compute()
         embedding: dict[str, Tensor] = {}
@@ -146,8 +149,7 @@ class TaskEmbeddingModule(pl.LightningModule):
             offset += param.numel()
         self.skipped = check_fisher(embedding, self.hp.expert_name)
         self.embedding = embedding
-        self.log("fisher_mean", flat.mean())
-        self.log("fisher_examples", self.fisher.count.float())
+        self.examples = int(self.fisher.count)
         if self.trainer.is_global_zero:
             ExpertBank(self.hp.bank).set_embedding(self.hp.expert_name, embedding)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,0 +1,130 @@
+"""The `pituning` Trainer stages and `pituning run` from YAML, and every shipped config parses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pituning import ExpertBank
+from pituning.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _yaml(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _data(dataset: str, backbone: str, name: str, **extra: object) -> dict:
+    init = {"dataset": dataset, "tokenizer": backbone, "task_name": name, "max_length": 16, "batch_size": 32, **extra}
+    return {"class_path": "pituning.data.TextClassificationDataModule", "init_args": init}
+
+
+TRAINER = {"max_epochs": 2, "accelerator": "cpu", "logger": False, "enable_progress_bar": False}
+
+
+def test_stages_from_yaml(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+    bank = str(tmp_path / "bank")
+    for name in ("close", "far1"):
+        config = {
+            "model": {
+                "backbone": tiny_backbone,
+                "expert": {"kind": "lora", "r": 4},
+                "expert_name": name,
+                "bank": bank,
+                "lr": 0.01,
+            },
+            "data": _data(tasks[name], tiny_backbone, name, max_train_examples=96),
+            "trainer": TRAINER,
+        }
+        assert main(["train-expert", "--config", _yaml(tmp_path / f"{name}.yaml", config)]) == 0
+        embed = {
+            "model": {"backbone": tiny_backbone, "bank": bank, "expert_name": name},
+            "data": _data(tasks[name], tiny_backbone, name, max_train_examples=96),
+            "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+        }
+        assert main(["embed", "--config", _yaml(tmp_path / f"embed-{name}.yaml", embed)]) == 0
+    interp = {
+        "model": {"backbone": tiny_backbone, "bank": bank, "target": "close", "k": 1, "lr": 0.01},
+        "data": _data(tasks["target"], tiny_backbone, "target", shots_per_class=8),
+        "trainer": TRAINER,
+    }
+    assert (
+        main(["interpolate", "--config", _yaml(tmp_path / "interp.yaml", interp), "--model.mode", "weights_only"]) == 0
+    )
+    stored = ExpertBank(bank).get("close_pi")
+    assert stored.provenance["sources"] == ["far1"] and stored.provenance["mode"] == "weights_only"
+    evaluate = {
+        "model": {"backbone": tiny_backbone, "bank": bank, "init_from": "close_pi", "expert_name": "evaluated"},
+        "data": _data(tasks["target"], tiny_backbone, "target", shots_per_class=8),
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+    }
+    assert main(["evaluate", "--config", _yaml(tmp_path / "eval.yaml", evaluate)]) == 0
+    assert main(["graph", "--bank", bank, "--out", str(tmp_path / "graph")]) == 0
+    assert (tmp_path / "graph" / "graph.png").stat().st_size > 0
+    graph = json.loads((tmp_path / "graph" / "graph.json").read_text())
+    assert set(graph["names"]) == {"close", "far1"}
+    assert main(["export", "--bank", bank, "close_pi", str(tmp_path / "peft")]) == 0
+    assert main(["export", "--bank", bank, "close", str(tmp_path / "raw"), "--format", "safetensors"]) == 0
+    assert (tmp_path / "raw" / "head.safetensors").exists()
+
+
+def test_unknown_option_is_a_usage_error(tiny_backbone: str, tmp_path: Path) -> None:
+    config = {"model": {"backbone": tiny_backbone, "colour": "red"}, "data": _data("x.jsonl", tiny_backbone, "x")}
+    with pytest.raises(SystemExit) as exc:
+        main(["train-expert", "--config", _yaml(tmp_path / "bad.yaml", config)])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--backbone", "b", "--data_class", "x", "--sources", "[]", "--targets", "[]", "--kay", "3"])
+    assert exc.value.code == 2
+
+
+def test_run_suite(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = {
+        "backbone": tiny_backbone,
+        "data_class": "pituning.data.TextClassificationDataModule",
+        "data": {
+            "tokenizer": tiny_backbone,
+            "max_length": 16,
+            "batch_size": 16,
+            "max_train_examples": 96,
+            "max_eval_examples": 100,
+        },
+        "sources": [{"name": n, "dataset": tasks[n]} for n in ("close", "far1")],
+        "targets": [{"name": "target", "dataset": tasks["target"]}],
+        "expert": {"kind": "lora", "r": 4, "alpha": 8},
+        "k": 2,
+        "shots": 8,
+        "seeds": [0],
+        "output": str(tmp_path / "run"),
+        "module": {"lr": 0.01},
+        "source_epochs": 2,
+        "target_epochs": 2,
+        "accelerator": "cpu",
+    }
+    assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["rows"]) == 1 and set(results["rows"][0]["sources"]) == {"close", "far1"}
+    assert "| target | 0 |" in (tmp_path / "run" / "results.md").read_text()
+    assert "done: bank, graph and results in" in capsys.readouterr().out
+    assert main(["run", "--config", _yaml(tmp_path / "k.yaml", {**suite, "k": 5})]) == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    if "model" in data:
+        stage = {"train_expert": "train-expert", "embed": "embed", "interpolate": "interpolate"}[path.stem]
+        with pytest.raises(SystemExit) as exc:
+            main([stage, "--config", str(path), "--print_config"])
+        assert exc.value.code in (0, None)
+    else:
+        cfg = build_parser().parse_args(["run", "--config", str(path)])
+        assert cfg.run.backbone and cfg.run.sources
