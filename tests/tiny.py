@@ -11,6 +11,50 @@ import torch
 
 WORDS = [f"w{i}" for i in range(48)]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+EXTRA = ["neg", "pos", "yes", "no"]  # label words, for text-to-text targets
+
+
+def tiny_tokenizer() -> Any:
+    """A whitespace word-level tokenizer over the special tokens, ``WORDS`` and ``EXTRA``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + EXTRA)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", eos_token="[SEP]",
+    )  # fmt: skip
+
+
+def tiny_model_dir(path: Path, kind: str, *, seed: int = 0) -> Path:
+    """A tiny T5 (``seq2seq-lm``) or CLIP with the word-level tokenizer, saved to ``path``."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    vocab = len(SPECIAL) + len(WORDS) + len(EXTRA)
+    if kind == "t5":
+        config = T.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)  # fmt: skip
+        T.T5ForConditionalGeneration(config).save_pretrained(path)
+    elif kind == "clip":
+        config = T.CLIPConfig(
+            text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "max_position_embeddings": 32, "pad_token_id": 0,
+                         "bos_token_id": 2, "eos_token_id": 3},
+            vision_config={"image_size": 16, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                           "num_hidden_layers": 2, "num_attention_heads": 4},
+            projection_dim=16,
+        )  # fmt: skip
+        T.CLIPModel(config).save_pretrained(path)
+    else:
+        raise KeyError(kind)
+    tiny_tokenizer().save_pretrained(path)
+    return path
 
 
 def tiny_bert_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, domain_shift: float = 0.1) -> Path:
@@ -19,19 +63,10 @@ def tiny_bert_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 
     The words of domain ``d`` (see :func:`domain`) get ``domain_shift`` added to embedding dimensions
     ``[8d, 8d + 8)``: like a pretrained model, the backbone then represents each domain along its own features.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]",
-    )  # fmt: skip
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + EXTRA)}
+    fast = tiny_tokenizer()
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,

@@ -217,7 +217,7 @@ def _run_stage(stage: str, args: list[str]) -> int:
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if stage == "embed":
-        trainer.predict(model, dataloaders=data.embedding_dataloader())
+        trainer.predict(model, datamodule=data)
         return 0
     if stage in ("train-expert", "interpolate"):
         trainer.fit(model, data)

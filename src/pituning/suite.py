@@ -163,7 +163,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     def embed(name: str, datamodule: Any) -> None:
         module = TaskEmbeddingModule(cfg.backbone, location, name, probe=probe, estimator=cfg.estimator)
         trainer = _trainer(cfg, root, name=f"embed-{name}", inference_mode=False)
-        trainer.predict(module, dataloaders=datamodule.embedding_dataloader())
+        trainer.predict(module, datamodule=datamodule)
 
     for task in cfg.sources:
         if task.name in bank and bank.entry(task.name).has_embedding:

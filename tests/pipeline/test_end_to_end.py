@@ -26,7 +26,7 @@ def test_pi_tuning_end_to_end(tiny_backbone: str, tasks: dict[str, str], tmp_pat
 
     def embed(name: str, data: object) -> None:
         module = TaskEmbeddingModule(tiny_backbone, bank_location, name, probe=probe)
-        trainer(inference_mode=False).predict(module, dataloaders=data.embedding_dataloader())  # type: ignore[attr-defined]
+        trainer(inference_mode=False).predict(module, datamodule=data)  # type: ignore[attr-defined]
 
     for name in SOURCES:
         pl.seed_everything(0, verbose=False)

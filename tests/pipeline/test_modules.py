@@ -29,7 +29,7 @@ def _train(backbone: str, data_path: str, name: str, bank: str) -> ExpertTrainin
 def _embed(backbone: str, bank: str, name: str, data_path: str, **kwargs: object) -> TaskEmbeddingModule:
     module = TaskEmbeddingModule(backbone, bank, name, **kwargs)  # type: ignore[arg-type]
     data = text_data(data_path, backbone, name, max_train_examples=96)
-    trainer(inference_mode=False).predict(module, dataloaders=data.embedding_dataloader())
+    trainer(inference_mode=False).predict(module, datamodule=data)
     return module
 
 
@@ -53,7 +53,7 @@ def test_embedding_changes_no_parameter(tiny_backbone: str, tasks: dict[str, str
     module.setup("test")
     assert module.task_model is not None
     before = {n: p.detach().clone() for n, p in module.task_model.named_parameters()}
-    fit.predict(module, dataloaders=data.embedding_dataloader())
+    fit.predict(module, datamodule=data)
     for name, param in module.task_model.named_parameters():
         assert torch.equal(param, before[name]), name
     embedding = ExpertBank(bank).get("close").embedding
@@ -97,7 +97,7 @@ def test_bf16_mixed_in_all_three_stages(tiny_backbone: str, tasks: dict[str, str
             ExpertTrainingModule(tiny_backbone, EXPERT, name, bank, lr=1e-2), data
         )
         trainer(inference_mode=False, precision="bf16-mixed").predict(
-            TaskEmbeddingModule(tiny_backbone, bank, name), dataloaders=data.embedding_dataloader()
+            TaskEmbeddingModule(tiny_backbone, bank, name), datamodule=data
         )
     emb = ExpertBank(bank).get("close").embedding
     assert emb is not None and all(v.dtype == torch.float32 for v in emb.values())

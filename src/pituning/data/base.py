@@ -255,6 +255,10 @@ class TaskDataModule(pl.LightningDataModule):
         """The training split in a fixed order (what the Fisher pass reads)."""
         return self._loader("train", False, self.eval_batch_size)
 
+    def predict_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        """The embedding stage runs in Lightning's predict loop: the training split in a fixed order."""
+        return self.embedding_dataloader()
+
 
 def _natural(value: str) -> tuple[int, int | str]:
     return (0, int(value)) if value.lstrip("-").isdigit() else (1, value)

@@ -44,7 +44,7 @@ class FisherMetric(Metric):
 class TaskEmbeddingModule(pl.LightningModule):
     """Compute a task's Fisher embedding at its own expert (or at a shared probe) and store it in the bank.
 
-    Run with ``Trainer(inference_mode=False).predict(module, dataloaders=datamodule.embedding_dataloader())``: the
+    Run with ``Trainer(inference_mode=False).predict(module, datamodule=datamodule)``: the
     predict loop gives every example to exactly one rank under DDP (no padding duplicates), and each rank's sum and
     count are reduced once at the end. No parameter ever changes (gradients come from ``torch.func``; there is no
     optimizer).

@@ -1,0 +1,77 @@
+"""Text-to-text (T5) and vision-language (CLIP) tasks through the stages, on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pituning import ExpertBank
+from pituning.data import ImageClassificationDataModule, VisionLanguageDataModule
+from pituning.modules import ExpertTrainingModule, TaskEmbeddingModule
+from tiny import text_data, tiny_model_dir, trainer
+
+
+def test_text_to_text_t5(tasks: dict[str, str], tmp_path: Path) -> None:
+    t5 = str(tiny_model_dir(tmp_path / "t5", "t5"))
+    bank = str(tmp_path / "bank")
+    data = text_data(tasks["close"], t5, "close", text_to_text=True, label_names=["neg", "pos"], max_train_examples=64)
+    module = ExpertTrainingModule(
+        t5, {"kind": "lora", "r": 4}, "close", bank, backbone_task="seq2seq-lm", task_type="text_to_text", lr=1e-2
+    )
+    fit = trainer(max_epochs=2)
+    fit.fit(module, data)
+    metrics = fit.test(module, data, verbose=False)[0]
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and np.isfinite(metrics["test_loss"])
+    embed = TaskEmbeddingModule(t5, bank, "close", backbone_task="seq2seq-lm", task_type="text_to_text")
+    trainer(inference_mode=False).predict(embed, datamodule=data)
+    stored = ExpertBank(bank).get("close")
+    assert stored.embedding is not None and any(v.abs().sum() > 0 for v in stored.embedding.values())
+
+
+def _images(tmp_path: Path) -> list[dict[str, object]]:
+    from PIL import Image
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        label = i % 2
+        pixels = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8) + (150 if label else 0)
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(
+            {"image": f"{i}.png", "text": ["w1 w2", "w3 w4"][label] if i % 3 else "w5", "label": ["no", "yes"][label]}
+        )
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["pair", "matching"])
+def test_vision_language_clip(tmp_path: Path, mode: str) -> None:
+    clip = str(tiny_model_dir(tmp_path / "clip", "clip"))
+    table = tmp_path / "vl.jsonl"
+    table.write_text("\n".join(json.dumps(r) for r in _images(tmp_path)))
+    data = VisionLanguageDataModule(
+        str(table), clip, "vl", mode=mode, image_size=16, batch_size=8, caption_template="{}"
+    )
+    task_type = "pair_classification" if mode == "pair" else "matching"
+    bank = str(tmp_path / "bank")
+    module = ExpertTrainingModule(clip, {"kind": "lora", "r": 2}, "vl", bank, task_type=task_type, lr=1e-2)
+    fit = trainer(max_epochs=2)
+    fit.fit(module, data)
+    assert 0.0 <= fit.test(module, data, verbose=False)[0]["test_acc"] <= 1.0
+    embed = TaskEmbeddingModule(clip, bank, "vl", task_type=task_type)
+    fit = trainer(inference_mode=False)
+    fit.predict(embed, datamodule=data)
+    assert embed.embedding is not None and embed.examples > 0
+
+
+def test_image_classification_on_clip_vision(tmp_path: Path) -> None:
+    clip = str(tiny_model_dir(tmp_path / "clip", "clip"))
+    images = np.random.default_rng(0).integers(0, 255, (40, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", images=images, labels=np.arange(40) % 2)
+    data = ImageClassificationDataModule(str(tmp_path / "x.npz"), "imgs", image_size=16, batch_size=8)
+    module = ExpertTrainingModule(clip, {"kind": "adapter", "bottleneck": 4}, "imgs", str(tmp_path / "bank"))
+    trainer(max_epochs=1).fit(module, data)
+    assert torch.isfinite(torch.tensor(trainer().test(module, data, verbose=False)[0]["test_loss"]))
