@@ -26,7 +26,7 @@ def to_pixels(
     """
     if hasattr(image, "convert"):  # PIL
         image = np.asarray(image.convert("RGB"))
-    x = torch.as_tensor(np.asarray(image))
+    x = torch.as_tensor(np.array(image))  # a copy: arrays from datasets or npz may be read-only
     if x.dtype == torch.uint8 or not x.is_floating_point():
         x = x.float() / 255.0
     if x.dim() == 2:

@@ -125,7 +125,7 @@ class TaskEmbeddingModule(pl.LightningModule):
         self.fisher = FisherMetric(sum(p.numel() for p in self.params.values()))
         self._generator = torch.Generator().manual_seed(hp.seed)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> int:
         assert self.task_model is not None and self.fisher is not None
         autocast = torch.bfloat16 if "bf16" in str(self.trainer.precision) else None
         result = fisher_sum(
@@ -138,6 +138,7 @@ class TaskEmbeddingModule(pl.LightningModule):
         )
         flat = torch.cat([result.sums[n].reshape(-1) for n in self.params])
         self.fisher.update(flat, result.count)
+        return result.count
 
     def on_predict_epoch_end(self) -> None:
         assert self.fisher is not None

@@ -129,6 +129,7 @@ class ExpertTrainingModule(pl.LightningModule):
                 self.task_model.head.load_state_dict(head_state)
             except RuntimeError as err:
                 raise ConfigError(f"The stored head does not fit this task ({err}); check num_classes.") from err
+        self.task_model.train()  # from_pretrained leaves models in eval mode; training uses the backbone's dropout
         self.trainable_names = self.select_trainable()
         self.metrics = nn.ModuleDict(
             {f"{split}_acc": MulticlassAccuracy(num_classes=num_classes) for split in ("train", "val", "test")}
