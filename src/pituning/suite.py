@@ -78,6 +78,9 @@ class SuiteConfig:
     """Lightning precision (``bf16-mixed`` ...)."""
     accelerator: str = "auto"
     """Lightning accelerator."""
+    baselines: list[str] = field(default_factory=lambda: ["best_source_init", "uniform_average"])
+    """Extra baselines on the same shots and epochs: ``best_source_init`` (the top-ranked source expert and its
+    head, fine-tuned) and ``uniform_average`` (the parameter average of the top-k sources, fine-tuned)."""
     devices: Any = 1
     """Lightning devices."""
 
@@ -204,11 +207,35 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             trainer = _trainer(cfg, root, name=f"pi-{name}", max_epochs=cfg.target_epochs)
             trainer.fit(pi, datamodule)
             pi_acc = trainer.test(pi, datamodule, verbose=False)[0]["test_acc"]
+            ranked = [n for n, _ in pi.selected]
+            extra: dict[str, float] = {}
+            for baseline in cfg.baselines:
+                if not ranked:
+                    break
+                if baseline == "best_source_init":
+                    start_from = ranked[0]
+                elif baseline == "uniform_average":
+                    start_from = f"{name}_avg"
+                    if start_from in bank:
+                        bank.remove(start_from)
+                    bank.average(ranked, name=start_from)
+                else:
+                    raise ConfigError(f"Unknown baseline {baseline!r}; use best_source_init or uniform_average.")
+                say(f"target {name}: baseline {baseline} (from {start_from})")
+                pl.seed_everything(seed, verbose=False)
+                module = ExpertTrainingModule(
+                    cfg.backbone, cfg.expert, f"{name}_{baseline}", location, init_from=start_from, overwrite=True,
+                    **cfg.module,
+                )  # fmt: skip
+                trainer = _trainer(cfg, root, name=f"{baseline}-{name}", max_epochs=cfg.target_epochs)
+                trainer.fit(module, datamodule)
+                extra[baseline] = float(trainer.test(module, datamodule, verbose=False)[0]["test_acc"])
             rows.append(
                 {
                     "target": task.name,
                     "seed": seed,
                     "alone": float(alone_acc),
+                    **extra,
                     "pi": float(pi_acc),
                     "sources": [n for n, _ in pi.selected],
                     "similarities": dict(pi.selected),
@@ -225,23 +252,28 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         files.update(graph.plot(root / "graph"))
     except ConfigError as err:  # matplotlib missing: the JSON/CSV are there
         say(str(err))
+    methods = ["alone", *[b for b in cfg.baselines if rows and b in rows[0]], "pi"]
     results: dict[str, Any] = {
         "config": asdict(cfg),
         "rows": rows,
-        "mean": {
-            "alone": statistics.fmean(r["alone"] for r in rows) if rows else None,
-            "pi": statistics.fmean(r["pi"] for r in rows) if rows else None,
-        },
+        "mean": {m: statistics.fmean(r[m] for r in rows) if rows else None for m in methods},
         "graph": files,
         "seconds": time.perf_counter() - start,
     }
     (root / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    lines = ["| target | seed | expert alone | π-Tuning | sources (mean weight) |", "| --- | --- | --- | --- | --- |"]
+    titles = {"alone": "expert alone", "best_source_init": "best source as init",
+              "uniform_average": "uniform top-k average", "pi": "π-Tuning"}  # fmt: skip
+    lines = [
+        "| target | seed | " + " | ".join(titles[m] for m in methods) + " | sources (mean weight) |",
+        "| --- | --- |" + " --- |" * (len(methods) + 1),
+    ]
     for r in rows:
         weights = ", ".join(f"{n} {r['mean_weights'].get(n, float('nan')):.2f}" for n in r["sources"])
-        lines.append(f"| {r['target']} | {r['seed']} | {r['alone']:.4f} | {r['pi']:.4f} | {weights} |")
+        lines.append(
+            f"| {r['target']} | {r['seed']} | " + " | ".join(f"{r[m]:.4f}" for m in methods) + f" | {weights} |"
+        )
     if rows:
-        lines.append(f"| **mean** | | {results['mean']['alone']:.4f} | {results['mean']['pi']:.4f} | |")
+        lines.append("| **mean** | | " + " | ".join(f"{results['mean'][m]:.4f}" for m in methods) + " | |")
     (root / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     say(f"done: bank, graph and results in {root.resolve()}")

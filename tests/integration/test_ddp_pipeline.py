@@ -60,3 +60,14 @@ def test_train_and_embed_under_ddp(tiny_backbone: str, tasks: dict[str, str], tm
     assert one is not None and two is not None
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-12)
+
+    # stage 3 under DDP: the pool of one source and a fresh target expert collapses on rank zero
+    interp = {
+        "model": {"backbone": tiny_backbone, "bank": bank, "target": "close", "sources": ["close"], "k": 1},
+        "data": {**data, "init_args": {**data["init_args"], "shots_per_class": 8}},
+        "trainer": {**trainer, "max_epochs": 1, "strategy": "ddp", "devices": 2},
+    }
+    (tmp_path / "interp.yaml").write_text(yaml.safe_dump(interp))
+    done = _pituning("interpolate", "--config", str(tmp_path / "interp.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ExpertBank(bank).get("close_pi").provenance["sources"] == ["close"]
