@@ -168,9 +168,15 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         trainer = _trainer(cfg, root, name=f"embed-{name}", inference_mode=False)
         trainer.predict(module, datamodule=datamodule)
 
+    done_file = root / "sources.json"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
     for task in cfg.sources:
-        if task.name in bank and bank.entry(task.name).has_embedding:
-            say(f"source {task.name}: in the bank already")
+        recipe = {
+            "backbone": cfg.backbone, "task": asdict(task), "data": cfg.data, "expert": cfg.expert,
+            "module": cfg.module, "epochs": cfg.source_epochs, "probe": probe, "estimator": cfg.estimator,
+        }  # fmt: skip
+        if done.get(task.name) == recipe and task.name in bank and bank.entry(task.name).has_embedding:
+            say(f"source {task.name}: in the bank already, from the same recipe")
             continue
         say(f"source {task.name}: training the expert")
         pl.seed_everything(0, verbose=False)
@@ -179,6 +185,8 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         _trainer(cfg, root, name=f"source-{task.name}", max_epochs=cfg.source_epochs).fit(module, datamodule)
         say(f"source {task.name}: embedding")
         embed(task.name, datamodule)
+        done[task.name] = json.loads(json.dumps(recipe, default=str))
+        done_file.write_text(json.dumps(done, indent=1, default=str))
 
     rows: list[dict[str, Any]] = []
     for task in cfg.targets:

@@ -57,7 +57,7 @@ class TaskEmbeddingModule(pl.LightningModule):
             head stays the task's own.
         estimator: ``per_sample`` (default), ``loop``, ``batch`` or ``sampled``.
         backbone_task, task_type, backbone_dtype, attn_implementation: as for :class:`ExpertTrainingModule`.
-        seed: random source of ``sampled`` labels.
+        sampling_seed: random source of ``sampled`` labels.
     """
 
     def __init__(
@@ -72,7 +72,7 @@ class TaskEmbeddingModule(pl.LightningModule):
         task_type: str = "classification",
         backbone_dtype: str | None = None,
         attn_implementation: str | None = None,
-        seed: int = 0,
+        sampling_seed: int = 0,
     ) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
@@ -123,7 +123,7 @@ class TaskEmbeddingModule(pl.LightningModule):
         self.params = {n: p for n, p in self.task_model.named_parameters() if n.endswith(".embedded") and ".pi_" in n}
         self.keys = [n[len(prefix) : -len(".embedded")] for n in self.params]
         self.fisher = FisherMetric(sum(p.numel() for p in self.params.values()))
-        self._generator = torch.Generator().manual_seed(hp.seed)
+        self._generator = torch.Generator().manual_seed(hp.sampling_seed)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> int:
         assert self.task_model is not None and self.fisher is not None

@@ -132,7 +132,10 @@ class ExpertTrainingModule(pl.LightningModule):
         self.task_model.train()  # from_pretrained leaves models in eval mode; training uses the backbone's dropout
         self.trainable_names = self.select_trainable()
         self.metrics = nn.ModuleDict(
-            {f"{split}_acc": MulticlassAccuracy(num_classes=num_classes) for split in ("train", "val", "test")}
+            {
+                f"{split}_acc": MulticlassAccuracy(num_classes=num_classes, average="micro")
+                for split in ("train", "val", "test")
+            }
         )
         self.num_classes = num_classes
 
@@ -265,18 +268,20 @@ class ExpertTrainingModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.bank_location is None or self.task_model is None:
             return
+        # every rank prepares the expert (an interpolation collapses everywhere, so the ranks' models stay identical
+        # for a following test run); only rank zero writes
+        name, provenance = self.expert_to_store()
+        datamodule = self.datamodule()
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        self.stored = Expert.from_model(
+            self.task_model.experts,
+            name,
+            datamodule.task_info(),
+            metrics=metrics,
+            head=self.task_model.head_state_dict(),
+            provenance=provenance,
+        )
         if self.trainer.is_global_zero:
-            name, provenance = self.expert_to_store()
-            datamodule = self.datamodule()
-            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-            self.stored = Expert.from_model(
-                self.task_model.experts,
-                name,
-                datamodule.task_info(),
-                metrics=metrics,
-                head=self.task_model.head_state_dict(),
-                provenance=provenance,
-            )
             self.bank().add(self.stored, overwrite=self.hp.overwrite)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
