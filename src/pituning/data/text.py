@@ -64,14 +64,7 @@ class TextClassificationDataModule(TaskDataModule):
     def tokenizer(self) -> Any:
         """The tokenizer (loaded once)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from pituning.backbones import resolve_model_path
-
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
-            if self._tokenizer.pad_token is None:
-                self._tokenizer.pad_token = self._tokenizer.eos_token
-            self._pad_ids = {"input_ids": int(self._tokenizer.pad_token_id), "attention_mask": 0}
+            self._tokenizer = self.load_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
     def read(self) -> dict[str, tuple[list[Any], list[Any]]]:
