@@ -63,3 +63,22 @@ def test_pi_tuning_end_to_end(tiny_backbone: str, tasks: dict[str, str], tmp_pat
 
     mean_alone, mean_pi = sum(alone) / 2, sum(pi) / 2
     assert mean_pi >= mean_alone + 0.1, (alone, pi)
+
+
+def test_few_shot_loss_predictor_ranks_the_related_source_first(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path
+) -> None:
+    bank_location = str(tmp_path / "bank")
+    for name in SOURCES:
+        pl.seed_everything(0, verbose=False)
+        data = text_data(tasks[name], tiny_backbone, name)
+        trainer(max_epochs=8).fit(ExpertTrainingModule(tiny_backbone, EXPERT, name, bank_location, lr=1e-2), data)
+    target = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=16, seed=0, batch_size=8)
+    trainer(max_epochs=2).fit(ExpertTrainingModule(tiny_backbone, EXPERT, "target", bank_location, lr=1e-2), target)
+    interp = InterpolationModule(
+        tiny_backbone, bank_location, "target", k=2, candidates=list(SOURCES), predictor="few_shot_loss", lr=1e-2
+    )
+    trainer(max_epochs=1).fit(interp, target)
+    assert interp.selected[0][0] == "close", interp.selected
+    assert interp.selected[0][1] > interp.selected[1][1]
+    assert ExpertBank(bank_location).get("target_pi").provenance["predictor"] == "few_shot_loss"

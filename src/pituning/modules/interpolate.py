@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pituning.bank import ExpertBank
@@ -13,7 +14,7 @@ from pituning.experts.inject import check_train_mode
 from pituning.model import ExpertModel
 from pituning.modules.expert import ExpertTrainingModule
 
-__all__ = ["InterpolationModule", "select_sources"]
+__all__ = ["PREDICTORS", "InterpolationModule", "rank_by_few_shot_loss", "select_sources"]
 
 
 def select_sources(
@@ -51,6 +52,59 @@ def select_sources(
     return ranked[:k]
 
 
+PREDICTORS = ("fisher", "few_shot_loss")
+
+
+def rank_by_few_shot_loss(
+    bank: ExpertBank,
+    experts: ExpertModel,
+    names: list[str],
+    batches: list[dict[str, Tensor]],
+    task_type: str,
+    candidates: dict[str, Tensor] | None = None,
+) -> list[tuple[str, float]]:
+    """Rank source experts by their loss on the target's labelled shots, each with its own head (lowest first).
+
+    A direct transfer predictor for the few-shot case (METHOD.md, "Ranking predictor"): the score returned is the
+    negative mean cross-entropy, so higher is better, like a similarity. Sources whose head does not fit the
+    target's classes are left out.
+    """
+    from torch.nn import functional as F
+
+    from pituning.heads import TaskModel
+
+    scores = []
+    was = experts.active
+    for name in names:
+        stored = bank.load_into(experts, name, as_name="ranked_source")
+        try:
+            if stored.head is None:
+                continue
+            num_classes = int(stored.head["weight"].shape[0]) if "weight" in stored.head else 2
+            model = TaskModel(experts, task_type, num_classes, candidates=candidates)
+            try:
+                model.head.load_state_dict(stored.head)
+            except RuntimeError:
+                continue
+            model.eval()
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for batch in batches:
+                    labels = batch["labels"]
+                    if int(labels.max()) >= num_classes:
+                        break
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+                    total += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+                    count += int(labels.shape[0])
+                else:
+                    if count:
+                        scores.append((name, -total / count))
+        finally:
+            experts.remove_expert("ranked_source")
+    experts.set_active(was)
+    return sorted(scores, key=lambda item: -item[1])
+
+
 class InterpolationModule(ExpertTrainingModule):
     """π-Tuning on the target task: interpolate the top-k similar source experts and the target's own expert.
 
@@ -71,6 +125,9 @@ class InterpolationModule(ExpertTrainingModule):
         weights_only_steps: train only the logits (and the head) for this many steps first.
         output_name: name of the collapsed expert (default ``<target>_pi``).
         rescale: Fisher rescaling for the similarity (``unit_mean`` or ``none``).
+        predictor: how sources are ranked: ``fisher`` (similarity of the stored task embeddings) or
+            ``few_shot_loss`` (each source expert's loss, with its own head, on the target's training shots; needs
+            ``candidates``).
         head_init: ``target`` (the target expert's stored head) or ``fresh``.
         **kwargs: :class:`ExpertTrainingModule` options (``backbone``, ``bank``, ``lr``, ...).
     """
@@ -90,6 +147,7 @@ class InterpolationModule(ExpertTrainingModule):
         weights_only_steps: int = 0,
         output_name: str | None = None,
         rescale: str = "unit_mean",
+        predictor: str = "fisher",
         head_init: str = "target",
         expert: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -101,6 +159,10 @@ class InterpolationModule(ExpertTrainingModule):
             raise ConfigError(f"head_init must be 'target' or 'fresh', got {head_init!r}.")
         if k < 0:
             raise ConfigError(f"k must be >= 0, got {k}.")
+        if predictor not in PREDICTORS:
+            raise ConfigError(f"predictor must be one of {list(PREDICTORS)}, got {predictor!r}.")
+        if predictor == "few_shot_loss" and candidates is None and sources is None:
+            raise ConfigError("predictor='few_shot_loss' needs candidates=[...] (the source experts to rank).")
         # set before the parent's __init__, which may already build the pool (when num_classes is given)
         self.target = target
         self.opts: dict[str, Any] = {
@@ -113,6 +175,7 @@ class InterpolationModule(ExpertTrainingModule):
             "weights_only_steps": weights_only_steps,
             "output_name": output_name,
             "rescale": rescale,
+            "predictor": predictor,
             "head_init": head_init,
         }
         self.selected: list[tuple[str, float]] = []
@@ -128,6 +191,17 @@ class InterpolationModule(ExpertTrainingModule):
             if len(hp["sources"]) < hp["k"]:
                 raise BankError(f"k={hp['k']} but only {len(hp['sources'])} sources were given.")
             self.selected = [(s, float("nan")) for s in hp["sources"][: hp["k"]]]
+        elif hp["k"] > 0 and hp["predictor"] == "few_shot_loss":
+            datamodule = self.datamodule()
+            if datamodule is None:
+                raise ConfigError("predictor='few_shot_loss' needs the target's DataModule (fit with a datamodule).")
+            batches = list(datamodule.embedding_dataloader())
+            candidates = datamodule.candidates() if self.hp.task_type == "matching" else None
+            names = [c for c in (hp["candidates"] or hp["sources"] or []) if c != self.target]
+            ranked = rank_by_few_shot_loss(bank, experts, names, batches, self.hp.task_type, candidates)
+            if len(ranked) < hp["k"]:
+                raise BankError(f"k={hp['k']} sources were asked for but only {len(ranked)} could be scored.")
+            self.selected = ranked[: hp["k"]]
         elif hp["k"] > 0:
             pool = [c for c in hp["candidates"] if c != self.target] if hp["candidates"] is not None else None
             self.selected = select_sources(
@@ -197,6 +271,7 @@ class InterpolationModule(ExpertTrainingModule):
             "mean_weights": weights,
             "weights": per_module,
             "mode": hp["mode"],
+            "predictor": hp["predictor"],
             "target_init": hp["target_init"],
         }
         return name, provenance
