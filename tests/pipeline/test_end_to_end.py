@@ -76,8 +76,9 @@ def test_few_shot_loss_predictor_ranks_the_related_source_first(
     target = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=16, seed=0, batch_size=8)
     trainer(max_epochs=2).fit(ExpertTrainingModule(tiny_backbone, EXPERT, "target", bank_location, lr=1e-2), target)
     interp = InterpolationModule(
-        tiny_backbone, bank_location, "target", k=2, candidates=list(SOURCES), predictor="few_shot_loss", lr=1e-2
-    )
+        tiny_backbone, bank_location, "target", k=2, candidates=list(SOURCES), predictor="few_shot_loss", lr=1e-2,
+        head_init="best_source",
+    )  # fmt: skip
     trainer(max_epochs=1).fit(interp, target)
     assert interp.selected[0][0] == "close", interp.selected
     assert interp.selected[0][1] > interp.selected[1][1]

@@ -128,7 +128,8 @@ class InterpolationModule(ExpertTrainingModule):
         predictor: how sources are ranked: ``fisher`` (similarity of the stored task embeddings) or
             ``few_shot_loss`` (each source expert's loss, with its own head, on the target's training shots; needs
             ``candidates``).
-        head_init: ``target`` (the target expert's stored head) or ``fresh``.
+        head_init: ``target`` (the target expert's stored head), ``best_source`` (the head of the top-ranked source,
+            when its classes are the target's) or ``fresh``.
         **kwargs: :class:`ExpertTrainingModule` options (``backbone``, ``bank``, ``lr``, ...).
     """
 
@@ -155,8 +156,8 @@ class InterpolationModule(ExpertTrainingModule):
         check_train_mode(mode)
         if target_init not in ("fresh", "trained"):
             raise ConfigError(f"target_init must be 'fresh' or 'trained', got {target_init!r}.")
-        if head_init not in ("target", "fresh"):
-            raise ConfigError(f"head_init must be 'target' or 'fresh', got {head_init!r}.")
+        if head_init not in ("target", "fresh", "best_source"):
+            raise ConfigError(f"head_init must be 'target', 'best_source' or 'fresh', got {head_init!r}.")
         if k < 0:
             raise ConfigError(f"k must be >= 0, got {k}.")
         if predictor not in PREDICTORS:
@@ -216,6 +217,8 @@ class InterpolationModule(ExpertTrainingModule):
             experts.add_expert(self.expert_name, self.expert_config, activate=False)
         self.pool = [name for name, _ in self.selected] + [self.expert_name]
         experts.interpolate(self.pool)
+        if hp["head_init"] == "best_source" and self.selected:
+            return bank.get(self.selected[0][0]).head
         return target.head if hp["head_init"] == "target" else None
 
     def select_trainable(self) -> list[str]:
