@@ -137,3 +137,12 @@ def test_errors_write_nothing(tiny_backbone: str, tasks: dict[str, str], tmp_pat
         _embed(tiny_backbone, bank_path, "deadhead", tasks["close"])
     assert not bank.entry("deadhead").has_embedding
     assert sorted(bank.names()) == sorted([*names, "deadhead"])
+
+
+def test_fit_with_bare_dataloaders(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+    data = text_data(tasks["close"], tiny_backbone, "close", max_train_examples=32)
+    data.setup()
+    module = ExpertTrainingModule(tiny_backbone, EXPERT, "bare", str(tmp_path / "bank"), num_classes=2)
+    trainer(max_epochs=1).fit(module, train_dataloaders=data.train_dataloader())
+    stored = ExpertBank(str(tmp_path / "bank")).get("bare")
+    assert stored.task.name == "bare" and stored.head is not None

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from pituning.backbones import load_backbone
-from pituning.bank import Expert, ExpertBank
+from pituning.bank import Expert, ExpertBank, TaskInfo
 from pituning.errors import ConfigError
 from pituning.experts.base import ExpertConfig, config_from_dict
 from pituning.fisher import log_likelihood
@@ -272,11 +272,13 @@ class ExpertTrainingModule(pl.LightningModule):
         # for a following test run); only rank zero writes
         name, provenance = self.expert_to_store()
         datamodule = self.datamodule()
+        # fit with bare dataloaders: the task is known by the expert's name only
+        task = datamodule.task_info() if datamodule is not None else TaskInfo(name=name)
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         self.stored = Expert.from_model(
             self.task_model.experts,
             name,
-            datamodule.task_info(),
+            task,
             metrics=metrics,
             head=self.task_model.head_state_dict(),
             provenance=provenance,
