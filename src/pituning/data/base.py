@@ -141,6 +141,17 @@ class TaskDataModule(pl.LightningDataModule):
         self.label_names: list[str] = list(label_names or [])
         self.splits: dict[str, tuple[list[Any], list[int]]] = {}
         self._pad_ids: dict[str, int] = {}
+        self.tokenizer_name: str | None = None
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer named by ``tokenizer_name`` (loaded once)."""
+        if self._tokenizer is None:
+            if not self.tokenizer_name:
+                raise ConfigError(f"{type(self).__name__} has no tokenizer; pass tokenizer=... (the backbone's).")
+            self._tokenizer = self.load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
 
     def load_tokenizer(self, name: str) -> Any:
         """The tokenizer ``name`` (``pkg:<module>`` resolved); sets the pad ids used by :func:`pad_collate`."""

@@ -57,15 +57,7 @@ class TextClassificationDataModule(TaskDataModule):
         self.max_length = max_length
         self.text_to_text = text_to_text
         self.dataset_config = dataset_config
-        self._tokenizer: Any = None
         self._targets: dict[int, Tensor] = {}
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            self._tokenizer = self.load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     def read(self) -> dict[str, tuple[list[Any], list[Any]]]:
         options = {"name": self.dataset_config} if self.dataset_config else {}

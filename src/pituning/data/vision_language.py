@@ -70,14 +70,6 @@ class VisionLanguageDataModule(TaskDataModule):
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.max_length = max_length
-        self._tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            self._tokenizer = self.load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     def read(self) -> dict[str, tuple[list[Any], list[Any]]]:
         tables = load_table(self.source)
