@@ -250,6 +250,7 @@ class ExpertBank:
         self._entries: dict[str, dict[str, Any]] = {}
         self._manifest_token: Any = None
         self._journal_offset = 0
+        self._journal_records = 0
         self._similarity_cache: dict[str, _EmbeddingIndex] = {}
         self._wanted_memo: dict[tuple[Any, ...], builtins.list[tuple[str, str]]] = {}
         if not self.storage.exists(MANIFEST):
@@ -279,6 +280,7 @@ class ExpertBank:
             for line in data[:end].splitlines():
                 if line.strip():
                     self._apply(line)
+                    self._journal_records += 1
             self._journal_offset += end
         return self._entries
 
@@ -297,6 +299,7 @@ class ExpertBank:
         self._entries = dict(manifest["entries"])
         self._manifest_token = token
         self._journal_offset = 0
+        self._journal_records = 0
 
     def _apply(self, line: bytes) -> None:
         try:
@@ -312,14 +315,11 @@ class ExpertBank:
         """Append records to the journal (the commit point); fold it into the manifest when long. Lock held."""
         self.storage.append(JOURNAL, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records))
         entries = self._refresh()
-        if self._journal_offset > 0 and self._journal_lines() >= COMPACT_EVERY:
+        if self._journal_records >= COMPACT_EVERY:
             self._write_manifest(entries)
             self.storage.write_atomic(JOURNAL, b"")
             self._manifest_token = None
             self._refresh()
-
-    def _journal_lines(self) -> int:
-        return self.storage.read(JOURNAL).count(b"\n") if self.storage.exists(JOURNAL) else 0
 
     # ------------------------------------------------------------------ listing
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ then divided). Parameters are never updated: gradients come from ``torch.func`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -109,9 +110,9 @@ def fisher_sum(
     was_training = module.training
     module.eval()  # dropout off: the Fisher of the trained expert, deterministic
 
-    def ctx() -> torch.autocast | _Null:
+    def ctx() -> contextlib.AbstractContextManager[object]:
         if autocast_dtype is None:
-            return _Null()
+            return contextlib.nullcontext()
         device = next(iter(detached.values())).device.type
         return torch.autocast(device_type=device, dtype=autocast_dtype)
 
@@ -172,14 +173,6 @@ def _vmap_grads(
 
     grads: dict[str, Tensor] = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, dict(inputs), labels)
     return grads
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def check_fisher(fisher: Mapping[str, Tensor], task: str = "") -> list[str]:

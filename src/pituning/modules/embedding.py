@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -13,7 +10,7 @@ from pituning.bank import ExpertBank
 from pituning.errors import ConfigError
 from pituning.fisher import ESTIMATORS, FisherError, check_fisher, fisher_sum
 from pituning.heads import TaskModel
-from pituning.modules.expert import _DTYPES
+from pituning.modules.base import StageModule
 
 __all__ = ["FisherMetric", "TaskEmbeddingModule"]
 
@@ -41,7 +38,7 @@ class FisherMetric(Metric):
         return self.total / self.count.float()
 
 
-class TaskEmbeddingModule(pl.LightningModule):
+class TaskEmbeddingModule(StageModule):
     """Compute a task's Fisher embedding at its own expert (or at a shared probe) and store it in the bank.
 
     Run with ``Trainer(inference_mode=False).predict(module, datamodule=datamodule)``: the
@@ -86,28 +83,13 @@ class TaskEmbeddingModule(pl.LightningModule):
         self.examples = 0
         self.skipped: list[str] = []
 
-    def datamodule(self) -> Any:
-        """The trainer's DataModule (``None`` when dataloaders were passed directly)."""
-        return getattr(self.trainer, "datamodule", None)
-
-    @property
-    def hp(self) -> Any:
-        """The saved hyper-parameters (attribute access)."""
-        return self.hparams
-
     def setup(self, stage: str) -> None:
         if self.task_model is not None:
             return
-        from pituning.backbones import load_backbone
-        from pituning.model import ExpertModel
-
         hp = self.hp
         bank = ExpertBank(hp.bank)
         stored = bank.get(hp.expert_name)
-        kwargs: dict[str, Any] = {"task": hp.backbone_task, "dtype": _DTYPES[hp.backbone_dtype]}
-        if hp.attn_implementation is not None:
-            kwargs["attn_implementation"] = hp.attn_implementation
-        experts = ExpertModel(load_backbone(hp.backbone, **kwargs))
+        experts = self.load_experts()
         at = hp.probe or hp.expert_name
         bank.load_into(experts, at, as_name="embedded")
         num_classes = len(stored.task.label_names) or 2

@@ -7,26 +7,23 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from pituning.backbones import load_backbone
 from pituning.bank import Expert, ExpertBank, TaskInfo
 from pituning.errors import ConfigError
 from pituning.experts.base import ExpertConfig, config_from_dict
 from pituning.fisher import log_likelihood
 from pituning.heads import TaskModel
 from pituning.model import ExpertModel
+from pituning.modules.base import BACKBONE_DTYPES, StageModule
 
 __all__ = ["ExpertTrainingModule"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}
 
-
-class ExpertTrainingModule(pl.LightningModule):
+class ExpertTrainingModule(StageModule):
     """Train expert ``expert_name`` of kind ``expert`` and a head on the DataModule's task; store it in ``bank``.
 
     Args:
@@ -72,7 +69,7 @@ class ExpertTrainingModule(pl.LightningModule):
         overwrite: bool = False,
     ) -> None:
         super().__init__()
-        if backbone_dtype not in _DTYPES:
+        if backbone_dtype not in BACKBONE_DTYPES:
             raise ConfigError(f"backbone_dtype must be float32, bfloat16 or None, got {backbone_dtype!r}.")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
@@ -86,24 +83,7 @@ class ExpertTrainingModule(pl.LightningModule):
         if num_classes is not None or task_type == "text_to_text":
             self._build(num_classes or 2, None)
 
-    def datamodule(self) -> Any:
-        """The trainer's DataModule (``None`` when dataloaders were passed directly)."""
-        return getattr(self.trainer, "datamodule", None)
-
-    @property
-    def hp(self) -> Any:
-        """The saved hyper-parameters (attribute access)."""
-        return self.hparams
-
     # ------------------------------------------------------------------ building
-    def load_experts(self) -> ExpertModel:
-        """The frozen backbone with no experts yet."""
-        hp = self.hp
-        kwargs: dict[str, Any] = {"task": hp.backbone_task, "dtype": _DTYPES[hp.backbone_dtype]}
-        if hp.attn_implementation is not None:
-            kwargs["attn_implementation"] = hp.attn_implementation
-        return ExpertModel(load_backbone(hp.backbone, **kwargs))
-
     def bank(self) -> ExpertBank:
         """The bank (raises if none was configured)."""
         if self.bank_location is None:
