@@ -646,7 +646,9 @@ class ExpertBank:
             k: how many to return at most.
             rescale: Fisher rescaling before comparison (see :mod:`pituning.graph`).
             eps: the normalised cosine's epsilon.
-            modality: only sources of this modality. kind: only this kind. task: only this task name.
+            modality: only sources of this modality.
+            kind: only this expert kind.
+            task: only this task name.
             structure: only this backbone structure (default: the target's, when it is a bank entry).
 
         Only entries with an embedding of the same layout (tensor names and shapes) are compared; the target itself

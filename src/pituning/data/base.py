@@ -104,17 +104,23 @@ class TaskDataModule(pl.LightningDataModule):
 
     Args:
         task_name: the task's name in the bank.
-        shots_per_class: k-shot training: this many training examples of each class (``None``: all, capped by
-            ``max_train_examples``).
+        shots_per_class: keep this many training examples per class (k-shot, sampled with ``seed``); ``None`` keeps
+            the full training split.
         holdout_shots: of each class's shots, hold this many out as the validation split (early stopping or
             interpolation weights learned on data the experts did not train on, without using more labels than the
             k shots); ``0`` keeps the validation split carved from the full training data.
-        seed: draws the shots (and the training cap).
-        split_seed: draws the test and validation splits when the source has none (fixed per task).
-        val_fraction, test_fraction: split sizes when the source has no such split.
-        max_train_examples, max_eval_examples: caps.
-        batch_size, eval_batch_size, num_workers: loaders.
-        label_names: class names in label order (default: the sorted labels seen).
+        seed: seed of the k-shot sample, of the ``max_train_examples`` cap and of the training loader's shuffling.
+        split_seed: seed of the validation / test examples held out when the data has no such split, and of the
+            ``max_eval_examples`` cap; fixed per task, whatever ``seed``.
+        val_fraction: share of the training data held out for validation when there is no ``validation`` split.
+        test_fraction: share of the training data held out for testing when there is no ``test`` split.
+        max_train_examples: cap the training split (full-data tasks; ignored with ``shots_per_class``).
+        max_eval_examples: cap the validation and the test split.
+        batch_size: training batch size.
+        eval_batch_size: validation, test and embedding batch size (default ``batch_size``).
+        num_workers: DataLoader worker processes.
+        label_names: class names in label order (default: the labels found in the data, sorted: integers
+            numerically, then names alphabetically).
     """
 
     modality = "other"

@@ -52,8 +52,10 @@ class ImageClassificationDataModule(TaskDataModule):
             file with an image-path column, or a Hugging Face dataset name.
         task_name: the task's name in the bank.
         image_size: side of the square model input.
-        mean, std: normalisation (default EfficientNet-Lite's ``(x - 0.5) / 0.5``).
-        image_column, label_column: columns of tabular or Hugging Face sources.
+        mean: per-channel mean of the normalisation (default EfficientNet-Lite's ``(x - 0.5) / 0.5``).
+        std: per-channel standard deviation of the normalisation.
+        image_column: image column of tabular or Hugging Face sources.
+        label_column: label column of tabular or Hugging Face sources.
         classes: keep only these labels (class-subset tasks), in this order.
         transform: optional callable applied to the normalised ``(3, S, S)`` tensor (augmentation).
         **kwargs: :class:`~pituning.data.base.TaskDataModule` options.

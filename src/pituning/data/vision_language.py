@@ -32,9 +32,13 @@ class VisionLanguageDataModule(TaskDataModule):
         tokenizer: tokenizer name or directory (the text tower's).
         task_name: the task's name in the bank.
         mode: ``pair`` or ``matching``.
-        image_column, text_column, label_column: column names.
+        image_column: column with the image path (or image).
+        text_column: column with the text (``pair`` mode).
+        label_column: column with the label.
         caption_template: ``matching`` captions, e.g. ``"a photo of {}"``.
-        image_size, mean, std: image preprocessing.
+        image_size: side of the square model input.
+        mean: per-channel mean of the image normalisation.
+        std: per-channel standard deviation of the image normalisation.
         max_length: text tokens.
         **kwargs: :class:`~pituning.data.base.TaskDataModule` options.
     """

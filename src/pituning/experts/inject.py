@@ -80,8 +80,11 @@ def add_expert(
         Names of the modules the expert was attached to.
 
     Raises:
-        ConfigError: invalid name. ExpertError: the name exists. BackboneError / UnsupportedExpertError: no valid
-        target. On any error the model is left exactly as it was.
+        ConfigError: invalid name.
+        ExpertError: the name exists.
+        BackboneError: no valid target (``UnsupportedExpertError`` when the targets cannot host this kind).
+
+    On any error the model is left exactly as it was.
     """
     validate_name(name)
     existing = expert_configs(model)

@@ -53,7 +53,10 @@ class TaskEmbeddingModule(StageModule):
         probe: take the Fisher at this bank expert instead (a shared probe for every task, as Task2Vec does); the
             head stays the task's own.
         estimator: ``per_sample`` (default), ``loop``, ``batch`` or ``sampled``.
-        backbone_task, task_type, backbone_dtype, attn_implementation: as for :class:`ExpertTrainingModule`.
+        backbone_task: as for :class:`ExpertTrainingModule`.
+        task_type: as for :class:`ExpertTrainingModule`.
+        backbone_dtype: as for :class:`ExpertTrainingModule`.
+        attn_implementation: as for :class:`ExpertTrainingModule`.
         sampling_seed: random source of ``sampled`` labels.
     """
 
