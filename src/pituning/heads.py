@@ -158,14 +158,20 @@ class TaskModel(nn.Module):
         if self.task_type == "pair_classification":
             u = self.image_features(inputs["pixel_values"])
             v = self.text_features(inputs["input_ids"], inputs.get("attention_mask"))
-            logits = self.head(self.dropout(torch.cat([u, v, u * v, (u - v).abs()], dim=-1)))
+            features = torch.cat([u, v, u * v, (u - v).abs()], dim=-1)
+            logits = self.head(self.dropout(features.to(self._head_dtype())))
             return logits
         if "pixel_values" in inputs:
             features = self.image_features(inputs["pixel_values"])
         else:
             features = self.text_features(inputs["input_ids"], inputs.get("attention_mask"))
-        logits = self.head(self.dropout(features))
+        logits = self.head(self.dropout(features.to(self._head_dtype())))
         return logits
+
+    def _head_dtype(self) -> torch.dtype:
+        """The head's dtype: features of a bf16 backbone (``backbone_dtype="bfloat16"``) meet an fp32 head."""
+        param = next(self.head.parameters(), None)
+        return param.dtype if param is not None else torch.float32
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """The head's weights (saved with the expert)."""

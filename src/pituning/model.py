@@ -54,6 +54,19 @@ class ExpertModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.backbone(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> ExpertModel:
+        """Train mode, except for the frozen backbone's batch norms: a BatchNorm whose weights do not train stays in
+        eval mode, so its running statistics (part of the backbone's fingerprint) never change while experts
+        train. Dropout still follows ``mode``."""
+        super().train(mode)
+        if mode:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters(recurse=False)
+                ):
+                    module.eval()
+        return self
+
     # ------------------------------------------------------------------ experts
     def add_expert(
         self, name: str, config: ExpertConfig, *, activate: bool = True, trainable: bool = True

@@ -29,13 +29,14 @@ class FisherMetric(Metric):
     count: Tensor
 
     def update(self, flat_sum: Tensor, count: int) -> None:  # type: ignore[override]
-        self.total += flat_sum.float()
-        self.count += count
+        # the states stay fp32 / fp64 even when a precision plugin cast the module (``bf16-true``)
+        self.total = self.total.float() + flat_sum.float()
+        self.count = self.count.double() + count
 
     def compute(self) -> Tensor:
         if self.count == 0:
             raise FisherError("The Fisher saw no examples; the training split is empty.")
-        return self.total / self.count.float()
+        return self.total.float() / self.count.float()
 
 
 class TaskEmbeddingModule(StageModule):
