@@ -54,6 +54,19 @@ class ExpertModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.backbone(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> ExpertModel:
+        """Set training mode, except for the backbone's batch-norm layers, which always stay in eval mode.
+
+        Their running statistics are backbone state (part of its fingerprint): in training mode they would drift
+        with every batch, so the "frozen" backbone would change and its experts would no longer load into a fresh
+        copy of it.
+        """
+        super().train(mode)
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     # ------------------------------------------------------------------ experts
     def add_expert(
         self, name: str, config: ExpertConfig, *, activate: bool = True, trainable: bool = True
