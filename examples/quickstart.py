@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=300, help="target test examples (cap)")
     args = parser.parse_args()
     start = time.perf_counter()
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # 2 cores at most; OMP_NUM_THREADS=1 gives one
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 

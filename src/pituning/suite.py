@@ -87,20 +87,29 @@ class SuiteConfig:
 
 def make_probe(backbone: str, config: dict[str, Any], bank: ExpertBank, *, name: str = "probe", seed: int = 0) -> str:
     """Store a shared probe expert: ``config``'s kind with every parameter ``N(0, 0.1)`` (non-zero, so every tensor
-    has a Fisher), used to embed every task at one common point, as Task2Vec does with its probe network."""
+    has a Fisher), used to embed every task at one common point, as Task2Vec does with its probe network.
+
+    A probe already in the bank is reused when it was made from the same backbone, config and seed, and replaced
+    otherwise (a stale probe would not fit the experts of the new config)."""
     from pituning.backbones import load_backbone
     from pituning.experts.base import config_from_dict
     from pituning.model import ExpertModel
 
+    wanted = config_from_dict(config)
     if name in bank:
-        return name
+        stored = bank.get(name)
+        same_config = len({json.dumps(c.to_dict(), sort_keys=True) for c in (stored.config, wanted)}) == 1
+        same_origin = stored.backbone.source == str(backbone) and stored.provenance.get("probe_seed") == seed
+        if same_config and same_origin:
+            return name
     model = ExpertModel(load_backbone(backbone))
-    model.add_expert(name, config_from_dict(config))
+    model.add_expert(name, wanted)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.expert_parameters(name).values():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    bank.add(Expert.from_model(model, name, TaskInfo(name, modality="other"), provenance={"probe_seed": seed}))
+    probe = Expert.from_model(model, name, TaskInfo(name, modality="other"), provenance={"probe_seed": seed})
+    bank.add(probe, overwrite=True)
     return name
 
 

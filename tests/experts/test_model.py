@@ -100,3 +100,22 @@ def test_collapse_with_svd_rank() -> None:
     assert config.r == 4  # type: ignore[attr-defined]
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_train_mode_keeps_backbone_batch_norm_frozen() -> None:
+    # regression: in training mode the backbone's batch-norm running statistics drifted, so the "frozen" backbone
+    # changed and its experts no longer loaded into a fresh copy of it (BackboneMismatchError on EfficientNet)
+    family = FAMILIES["cnn"]
+    model = ExpertModel(family.build())
+    before = model.fingerprint()
+    state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model.add_expert("task", LoraConfig(r=2))
+    model.train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms)
+    assert model.training and model.backbone.training
+    family.output(model, family.inputs(torch.Generator().manual_seed(0))).sum().backward()
+    for name, value in model.backbone.state_dict().items():
+        if ".pi_" not in name:
+            assert torch.equal(value, state[name]), name
+    assert ExpertModel(family.build()).fingerprint() == before

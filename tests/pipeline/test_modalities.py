@@ -75,3 +75,26 @@ def test_image_classification_on_clip_vision(tmp_path: Path) -> None:
     module = ExpertTrainingModule(clip, {"kind": "adapter", "bottleneck": 4}, "imgs", str(tmp_path / "bank"))
     trainer(max_epochs=1).fit(module, data)
     assert torch.isfinite(torch.tensor(trainer().test(module, data, verbose=False)[0]["test_loss"]))
+
+
+def test_few_shot_loss_ranks_matching_sources_with_more_than_two_classes(tmp_path: Path) -> None:
+    # regression: a matching head (a temperature) has no class dimension, so every source was taken for a
+    # 2-class head and left out of the ranking when the target had 3 or more captions
+    from pituning import ExpertModel, LoraConfig
+    from pituning.bank import Expert, TaskInfo
+    from pituning.modules.interpolate import rank_by_few_shot_loss
+
+    clip = str(tiny_model_dir(tmp_path / "clip", "clip"))
+    bank = ExpertBank(tmp_path / "bank")
+    experts = ExpertModel(clip)
+    for name in ("a", "b"):
+        experts.add_expert(name, LoraConfig(r=2))
+        head = {"logit_scale": torch.tensor(2.6592)}
+        bank.add(Expert.from_model(experts, name, TaskInfo(name, modality="vision-language"), head=head))
+        experts.remove_expert(name)
+    gen = torch.Generator().manual_seed(0)
+    candidates = {"input_ids": torch.tensor([[2, 6, 3], [2, 7, 3], [2, 8, 3]]), "attention_mask": torch.ones(3, 3)}
+    batch = {"pixel_values": torch.randn(6, 3, 16, 16, generator=gen), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    ranked = rank_by_few_shot_loss(bank, experts, ["a", "b"], [batch], "matching", candidates)
+    assert sorted(name for name, _ in ranked) == ["a", "b"]
+    assert all(np.isfinite(score) for _, score in ranked)

@@ -80,7 +80,10 @@ def rank_by_few_shot_loss(
         try:
             if stored.head is None:
                 continue
-            num_classes = int(stored.head["weight"].shape[0]) if "weight" in stored.head else 2
+            if task_type == "matching" and candidates is not None:
+                num_classes = int(candidates["input_ids"].shape[0])  # one class per candidate text, any source head
+            else:
+                num_classes = int(stored.head["weight"].shape[0]) if "weight" in stored.head else 2
             model = TaskModel(experts, task_type, num_classes, candidates=candidates)
             try:
                 model.head.load_state_dict(stored.head)
