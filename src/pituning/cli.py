@@ -61,6 +61,9 @@ def build_parser() -> ArgumentParser:
     export.add_argument("name", help="Expert name.")
     export.add_argument("out", help="New directory to write.")
     export.add_argument("--format", default="peft", help="peft (LoRA, prefix) or safetensors (any kind).")
+    export.add_argument(
+        "--num-attention-heads", type=int | None, default=None, help="Key/value heads of the model (prefix to PEFT)."
+    )
     commands.add_subcommand("export", export, help="Export an expert.")
 
     run = ArgumentParser(description="Run a whole suite (sources, targets, expert kind, k, shots, seeds) from YAML.")
@@ -245,7 +248,7 @@ def _run_export(opts: Namespace) -> int:
 
     bank = ExpertBank(opts.bank, create=False)
     if opts.format == "peft":
-        print(f"wrote {bank.export_peft(opts.name, opts.out)}")
+        print(f"wrote {bank.export_peft(opts.name, opts.out, num_attention_heads=opts.num_attention_heads)}")
         return 0
     if opts.format != "safetensors":
         raise ConfigError(f"--format must be peft or safetensors, got {opts.format!r}.")

@@ -12,9 +12,10 @@ import torch
 
 from bank_helpers import tiny_expert
 from families import _cfg
-from pituning import ExpertModel, LoraConfig
+from pituning import ExpertModel, LoraConfig, PrefixConfig
 from pituning.bank import Expert, ExpertBank, TaskInfo
 from pituning.cli import main
+from pituning.errors import ConfigError
 
 
 @pytest.fixture
@@ -85,3 +86,16 @@ def test_peft_round_trip_through_the_console_script(tmp_path: Path) -> None:
     back = ExpertBank(tmp_path / "bank2").get("back")
     for key, value in model.expert_state_dict("a").items():
         assert torch.equal(back.state[key], value)
+
+
+def test_export_command_writes_a_prefix_as_peft(tmp_path: Path) -> None:
+    model = ExpertModel(_cfg("bert"))
+    model.add_expert("p", PrefixConfig(num_tokens=3))
+    ExpertBank(tmp_path / "bank").add(Expert.from_model(model, "p", TaskInfo("t")))
+    with pytest.raises(ConfigError, match="num_attention_heads"):
+        ExpertBank(tmp_path / "bank").export_peft("p", tmp_path / "nope")
+    heads = _cfg("bert").num_attention_heads
+    out = tmp_path / "peft"
+    assert main(["export", "--bank", str(tmp_path / "bank"), "p", str(out), "--num-attention-heads", str(heads)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 3
