@@ -47,6 +47,7 @@ unit: $(VENV)/.deps-dev
 
 ## docs: build the site into site/ and fail on any warning (broken link, docstring problem); docs-serve: live preview
 docs: $(VENV)/.deps-dev
+	$(PY) docs/cli/make_cli_help.py --check
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 docs-serve: $(VENV)/.deps-dev
