@@ -773,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regime", choices=["few", "full"], default="few")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", help="default: every method of the suite")
+    parser.add_argument("--targets", nargs="+", help="only these targets (default: every target of the suite)")
     parser.add_argument(
         "--variants",
         help="YAML list of {name, options, data, restore_best} variants of every --methods method (options: "
@@ -792,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) / ("smoke" if args.smoke else "")
     suite = SUITES[args.suite](work / "data", args.smoke)
     seeds = args.seeds[:1] if args.smoke else args.seeds
+    if args.targets:
+        suite.targets = [t for t in suite.targets if t.name in args.targets]
     start = time.perf_counter()
 
     def say(text: str) -> None:
