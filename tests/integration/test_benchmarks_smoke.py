@@ -71,3 +71,43 @@ def test_quality_vision_suite_smoke(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "smoke" / "results" / "quality_vision.json").read_text())
     assert set(results["regimes"]["few"]["methods"]) == {"linear_probe", "lora", "adapter", "full_ft",
                                                         "best_source_init", "pi"}  # fmt: skip
+def _script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    script = ROOT / "benchmarks" / "speed" / name
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_speed_benchmark_smoke(tmp_path: Path) -> None:
+    _script("run.py", tmp_path=tmp_path)
+    results = json.loads((tmp_path / "speed_cpu.json").read_text())
+    assert results["settings"]["smoke"] and results["machine"]["cpu"] and results["machine"]["torch"]
+    items = results["items"]
+    assert set(items) == {"a_peft", "b_interpolation", "c_fisher", "d_memory", "e_bank"}
+    for item in items.values():
+        assert "goal" in item and "met" in item
+    assert items["c_fisher"]["per_sample_vs_naive_relative_difference"] <= 1e-4
+    assert set(items["d_memory"]["variants"]) == {"single", "k3"}
+    markdown = (tmp_path / "speed_cpu.md").read_text()
+    assert "| a. LoRA step, pituning / PEFT |" in markdown and "Smoke run" in markdown
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    args = ("--compile", "--compile-backend", "aot_eager")  # the compile path, without inductor's C++ build
+    done = _script("gpu.py", *args, tmp_path=tmp_path)
+    results = json.loads((tmp_path / "speed_gpu_smoke.json").read_text())
+    variants = results["throughput"]["variants"]
+    assert "pituning bf16 backbone, compiled" in variants and "peft bf16 autocast" in variants
+    assert all(row["samples_per_s"] > 0 for row in variants.values())
+    assert results["fisher"]["per_sample_vs_naive_relative_difference"] <= 1e-4
+    if results["device_type"] == "cpu":
+        assert not results["gpu_measured"] and results["goal_met"] == "not measured"
+        assert "no GPU results were measured" in done.stdout
+        assert "no GPU results were measured" in (tmp_path / "speed_gpu_smoke.md").read_text()

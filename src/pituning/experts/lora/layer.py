@@ -99,19 +99,45 @@ class LoraHost(ExpertHost):
         delta = lora_delta(a_list, b_list, coef)
         return delta.view(self.weight_shape) if self.conv else delta
 
+    def _linear_update(self, x: Tensor, output: Tensor, names: tuple[str, ...], alpha: Tensor | None) -> Tensor:
+        """``output + sum_i s_i (x A_i^T) (w_i B_i)^T`` (``w = alpha`` when interpolating, else 1).
+
+        Each term is one ``addmm`` that adds into the output inside the matrix product (no separate pass over the
+        output per expert), with the scaling ``s_i`` as ``addmm``'s ``alpha`` (no tensor built per call); terms after
+        the first add in place, so a pool allocates one output-sized tensor per module, like a single expert. Terms
+        stay separate so that one-hot weights give the single expert bit for bit (a zero-weight term adds zeros).
+        """
+        a_dict, b_dict = self.params("lora_A"), self.params("lora_B")
+        configs = [self.configs[n] for n in names]
+        p = max(c.dropout for c in configs if isinstance(c, LoraConfig))
+        if p > 0.0:
+            x = F.dropout(x, p=p, training=self.training)
+        dtype = x.dtype
+        weights = None if alpha is None else alpha.to(dtype)
+        inputs = x.reshape(-1, x.shape[-1])
+        flat = output.reshape(-1, output.shape[-1])
+        for i, (name, config) in enumerate(zip(names, configs, strict=True)):
+            assert isinstance(config, LoraConfig)
+            b = b_dict[name].to(dtype)
+            if weights is not None:
+                b = b * weights[i]
+            hidden = inputs @ a_dict[name].to(dtype).t()
+            if i == 0:
+                flat = torch.addmm(flat, hidden, b.t(), alpha=config.scaling)
+            else:  # into the tensor the first term created (same kernel; one output-sized tensor per module)
+                flat = flat.addmm_(hidden.to(flat.dtype), b.t().to(flat.dtype), alpha=config.scaling)
+        return flat.reshape(output.shape)
+
     def apply_experts(
         self, module: nn.Module, args: tuple[Any, ...], output: Any, names: tuple[str, ...], alpha: Tensor | None
     ) -> Any:
         x = args[0]
+        if not self.conv:
+            return self._linear_update(x, output, names, alpha)
         a_list, b_list, coef, p = self._terms(names, alpha)
         if p > 0.0:
             x = F.dropout(x, p=p, training=self.training)
         coef = coef.to(x.dtype)
-        if not self.conv:
-            # One term per expert (not one concatenated matmul) so that one-hot weights give the single expert exactly.
-            for i, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
-                output = output + (x @ a.to(x.dtype).t()) @ (b.to(x.dtype) * coef[i]).t()
-            return output
         delta = lora_delta([a.to(x.dtype) for a in a_list], [b.to(x.dtype) for b in b_list], coef).view(
             self.weight_shape
         )
