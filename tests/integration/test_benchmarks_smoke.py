@@ -71,6 +71,8 @@ def test_quality_vision_suite_smoke(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "smoke" / "results" / "quality_vision.json").read_text())
     assert set(results["regimes"]["few"]["methods"]) == {"linear_probe", "lora", "adapter", "full_ft",
                                                         "best_source_init", "pi"}  # fmt: skip
+
+
 def _script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     script = ROOT / "benchmarks" / "speed" / name
     done = subprocess.run(
