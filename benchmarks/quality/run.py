@@ -225,12 +225,10 @@ def fit_test(module: Any, dm: Any, epochs: int, restore_best: str | None = None)
 
 def linear_probe(suite: Suite, dm: Any) -> float:
     """Frozen backbone features, multinomial logistic regression fitted with L-BFGS until the gradient vanishes."""
-    from pituning.backbones import load_backbone
     from pituning.heads import TaskModel
-    from pituning.model import ExpertModel
 
     dm.setup("fit")
-    model = TaskModel(ExpertModel(load_backbone(suite.backbone)), "classification", dm.num_classes).eval()
+    model = TaskModel(_experts(suite.backbone), "classification", dm.num_classes).eval()
 
     def features(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
