@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pituning import Backbone, BackboneDescription, load_backbone
+from pituning import Backbone, BackboneDescription, DualEncoder, load_backbone
 
 VOCAB = 99
 
@@ -22,9 +22,12 @@ class Family:
     build: Callable[[], Backbone]
     inputs: Callable[[torch.Generator], dict[str, Tensor]]
     prefix: bool = True  # can host prefixes
+    pick: Callable[[Any], Tensor] | None = None  # the output tensor, where the rules below do not find it
 
     def output(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
         out = model(**inputs)
+        if self.pick is not None:
+            return self.pick(out)
         if isinstance(out, Tensor):
             return out
         for key in ("last_hidden_state", "logits", "logits_per_text"):
@@ -159,6 +162,61 @@ class TinyCNN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class EfficientNet(nn.Module):
+    """A toy EfficientNet-Lite: the module names, blocks (expand, depthwise, project; ReLU6) and ``extract_features``
+    of ``efficientnet_lite_pytorch.EfficientNet``, and its class name (the ``efficientnet`` preset finds it), so the
+    image tower of a ``dual`` encoder is exercised without the vision extra."""
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, expand: int = 2) -> None:
+            super().__init__()
+            mid = cin * expand
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid)
+            self._depthwise_conv = TinyCNN.PaddedConv(mid, mid, 3, groups=mid, bias=False)
+            self._bn1 = nn.BatchNorm2d(mid)
+            self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+            self._bn2 = nn.BatchNorm2d(cout)
+            self.skip = cin == cout
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = nn.functional.relu6(self._bn0(self._expand_conv(x)))
+            h = nn.functional.relu6(self._bn1(self._depthwise_conv(h)))
+            h = self._bn2(self._project_conv(h))
+            return h + x if self.skip else h
+
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self._bn0 = nn.BatchNorm2d(8)
+        self._blocks = nn.ModuleList([EfficientNet.Block(8, 8), EfficientNet.Block(8, 12)])
+        self._conv_head = nn.Conv2d(12, width, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(width)
+        self._fc = nn.Linear(width, 5)
+
+    def extract_features(self, x: Tensor) -> Tensor:
+        h = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            h = block(h)
+        return nn.functional.relu6(self._bn1(self._conv_head(h)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fc(self.extract_features(x).mean(dim=(2, 3)))
+
+
+def tiny_dual() -> DualEncoder:
+    """A dual encoder of a tiny EfficientNet-like image tower (head width 24) and a tiny BERT (width 32)."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    return DualEncoder(EfficientNet().eval(), AutoModel.from_config(_cfg("bert")).eval())
+
+
+def _dual_output(out: tuple[Tensor, Any]) -> Tensor:
+    image, text = out
+    return torch.cat([image.flatten(1), text.last_hidden_state.flatten(1)], dim=1)
+
+
 CNN_DESCRIPTION = BackboneDescription(
     family="tiny-cnn",
     roles={"blocks": r"blocks\.\d+", "conv": r"stem|blocks\.\d+\.(?:conv|proj)", "head": r"head"},
@@ -190,4 +248,6 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", _hf("gpt2"), _causal),
     "llama": Family("llama", _hf("llama"), _text),
     "cnn": Family("cnn", _cnn, _cnn_inputs, prefix=False),
+    # prefixes go to the text tower only
+    "dual": Family("dual", lambda: load_backbone(tiny_dual()), _clip, pick=_dual_output),
 }

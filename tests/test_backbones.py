@@ -33,7 +33,14 @@ EXPECTED = {
     "gpt2": (2, (32,), {"query": 2, "attn_out": 2, "ffn_in": 2, "ffn_out": 2, "self_attn": 2}),
     "llama": (2, (32,), {"query": 2, "key": 2, "attn_out": 2, "ffn_in": 4, "ffn_out": 2, "self_attn": 2}),
     "cnn": (2, (8,), {"blocks": 2, "conv": 5, "head": 1}),
+    # the image tower's 2 blocks, then the text tower's 2 layers; widths per tower (blocks 8, 12; text 32)
+    "dual": (
+        4,
+        (8, 12, 32),
+        {"image.blocks": 2, "image.pointwise": 4, "image.head": 1, "text.blocks": 2, "text.query": 2},
+    ),
 }
+OUTSIDE_BLOCKS = {"cnn": {"stem", "head"}, "dual": {"image._conv_head"}}
 
 
 @pytest.mark.parametrize("fam", list(EXPECTED))
@@ -46,7 +53,7 @@ def test_presets_find_every_insertion_point(fam: str) -> None:
     for role, n in counts.items():
         assert len(info.names(role)) == n, role
     outside = {p.name for p in info.points if p.layer is None}
-    assert outside == ({"stem", "head"} if fam == "cnn" else set())
+    assert outside == OUTSIDE_BLOCKS.get(fam, set())
     assert not any(p.requires_grad for p in backbone.model.parameters())
     assert fam.split("-")[0] in repr(backbone) or info.family in repr(backbone)
 
@@ -163,3 +170,31 @@ def test_from_module_freezes_in_place() -> None:
     toy = Toy()
     backbone = Backbone.from_module(toy, TOY)
     assert backbone.model is toy and not any(p.requires_grad for p in toy.parameters())
+
+
+def test_dual_numbers_the_blocks_of_both_towers_together() -> None:
+    info = FAMILIES["dual"].build().info
+    assert [info.point(n).layer for n in info.names("image.blocks", "text.blocks")] == [0, 1, 2, 3]  # type: ignore[union-attr]
+    assert info.point("text.encoder.layer.1.attention.self.query").layer == 3  # type: ignore[union-attr]
+    assert info.point("image._blocks.1._project_conv").layer == 1  # type: ignore[union-attr]
+    assert info.description.prefix_role == "text.self_attn"
+
+
+def test_dual_spec_errors() -> None:
+    for bad in ("dual:efficientnet-lite0", "dual:a+b+c", "dual:+text", "dual:"):
+        with pytest.raises(ConfigError, match=r"not a dual-encoder name: write dual:<image spec>\+<text spec>"):
+            load_backbone(bad)
+    with pytest.raises(ConfigError, match="loads both towers with task='base'"):
+        load_backbone("dual:a+b", task="sequence-classification")
+    with pytest.raises(ConfigError, match=r"loading options \['revision'\] are ambiguous for two towers"):
+        load_backbone("dual:a+b", revision="main")
+
+
+def test_dual_checks_the_tower_families(tmp_path: Path) -> None:
+    from transformers import BertModel
+
+    BertModel(_cfg("bert")).save_pretrained(tmp_path / "bert")
+    with pytest.raises(
+        ConfigError, match="the image tower .* is a bert backbone, but the dual preset takes an efficientnet"
+    ):
+        load_backbone(f"dual:{tmp_path / 'bert'}+{tmp_path / 'bert'}")

@@ -312,3 +312,28 @@ def test_expert_from_model_errors() -> None:
     with pytest.raises(ConfigError, match="TaskInfo.modality"):
         TaskInfo("t", modality="audio")
     assert FAKE_BACKBONE.to_dict()["source"] == "toy-backbone"
+
+
+def test_dual_encoder_experts_round_trip(tmp_path: Path) -> None:
+    from families import tiny_dual
+
+    model = ExpertModel(tiny_dual()).eval()
+    _trained(model, "vl", AdapterConfig(bottleneck=4), 0)
+    inputs = FAMILIES["dual"].inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = FAMILIES["dual"].output(model, inputs)
+    bank = ExpertBank(tmp_path / "bank")
+    head = {"image_proj.weight": torch.randn(32, 24), "logit_scale": torch.tensor(2.6592)}
+    bank.add(Expert.from_model(model, "vl", TaskInfo("vl", modality="vision-language"), head=head))
+    stored = bank.get("vl")
+    assert stored.backbone.family == "dual" and stored.backbone.fingerprint == model.fingerprint()
+    assert stored.head is not None and torch.equal(stored.head["image_proj.weight"], head["image_proj.weight"])
+    fresh = ExpertModel(tiny_dual()).eval()  # same seed, same weights
+    bank.load_into(fresh, "vl")
+    with torch.no_grad():
+        torch.testing.assert_close(FAMILIES["dual"].output(fresh, inputs), expected, rtol=0, atol=0)
+    other = tiny_dual()
+    with torch.no_grad():
+        other.image._conv_head.weight.add_(1.0)  # another image tower: the fingerprint sees it
+    with pytest.raises(BackboneMismatchError, match="weights fingerprint"):
+        bank.load_into(ExpertModel(other), "vl")

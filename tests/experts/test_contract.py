@@ -164,3 +164,21 @@ def test_cnn_refuses_prefix() -> None:
     with pytest.raises(UnsupportedExpertError, match="no default insertion point for prefix"):
         model.add_expert("p", PrefixConfig())
     assert model.experts == {}
+
+
+def test_dual_targets_both_towers_and_prefixes_the_text_tower_only() -> None:
+    model = _model(FAMILIES["dual"])
+    lora = model.add_expert("l", KINDS["lora"])
+    assert [t for t in lora if t.startswith("image.")] == [
+        "image._blocks.0._expand_conv",
+        "image._blocks.0._project_conv",
+        "image._blocks.1._expand_conv",
+        "image._blocks.1._project_conv",
+        "image._conv_head",
+    ]
+    assert sorted({t.rsplit(".", 1)[-1] for t in lora if t.startswith("text.")}) == ["dense", "key", "query", "value"]
+    adapter = model.add_expert("a", KINDS["adapter"])
+    assert [t for t in adapter if t.startswith("image.")] == ["image._blocks.0", "image._blocks.1"]
+    assert len([t for t in adapter if t.startswith("text.")]) == 4  # attention and FFN outputs of 2 layers
+    prefix = model.add_expert("p", KINDS["prefix"])
+    assert prefix == ["text.encoder.layer.0.attention.self", "text.encoder.layer.1.attention.self"]

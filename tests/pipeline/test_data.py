@@ -133,6 +133,26 @@ def test_vision_language_pairs_and_matching(tiny_backbone: str, tmp_path: Path) 
         VisionLanguageDataModule(table, tiny_backbone, "vl", mode="retrieval")
 
 
+def test_vision_language_matching_from_npz_with_a_class_subset(tiny_backbone: str, tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 255, (30, 12, 12, 3), dtype=np.uint8)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, images=images, labels=np.arange(30) % 3, label_names=np.array(["w10", "w11", "w12"]))
+    options = {"mode": "matching", "classes": ["w12", "w10"], "caption_template": "w1 {}", "image_size": 8}
+    data = VisionLanguageDataModule(str(npz), tiny_backbone, "vl", batch_size=4, **options)
+    data.setup()
+    assert data.label_names == ["w12", "w10"]
+    assert sum(len(labels) for _, labels in data.splits.values()) == 20  # class w11 left out
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"pixel_values", "labels"} and batch["pixel_values"].shape == (4, 3, 8, 8)
+    captions = data.tokenizer.batch_decode(data.candidates()["input_ids"], skip_special_tokens=True)
+    assert captions == ["w1 w12", "w1 w10"]
+    # a dual backbone's name gives its text tower's tokenizer
+    dual = VisionLanguageDataModule(str(npz), f"dual:efficientnet-lite0+{tiny_backbone}", "vl", **options)
+    assert torch.equal(dual.candidates()["input_ids"], data.candidates()["input_ids"])
+    with pytest.raises(DataError, match="no texts, so it serves mode='matching' only"):
+        VisionLanguageDataModule(str(npz), tiny_backbone, "vl", mode="pair")
+
+
 def test_text_module_rejects_bad_options(tiny_backbone: str, tasks: dict[str, str]) -> None:
     from pituning import ConfigError
 

@@ -1,4 +1,4 @@
-"""Text-to-text (T5) and vision-language (CLIP) tasks through the stages, on tiny models."""
+"""Text-to-text (T5) and vision-language (CLIP, dual encoder) tasks through the stages, on tiny models."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import pituning.backbones
+from families import EfficientNet
 from pituning import ExpertBank
 from pituning.data import ImageClassificationDataModule, VisionLanguageDataModule
-from pituning.modules import ExpertTrainingModule, TaskEmbeddingModule
+from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
 from tiny import text_data, tiny_model_dir, trainer
 
 
@@ -98,3 +100,86 @@ def test_few_shot_loss_ranks_matching_sources_with_more_than_two_classes(tmp_pat
     ranked = rank_by_few_shot_loss(bank, experts, ["a", "b"], [batch], "matching", candidates)
     assert sorted(name for name, _ in ranked) == ["a", "b"]
     assert all(np.isfinite(score) for _, score in ranked)
+
+
+@pytest.fixture
+def tiny_efficientnet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stages take a backbone *name*; here the image tower's name ``efficientnet-lite0`` builds a tiny, seeded
+    EfficientNet-like network (the same weights at every load, as a checkpoint), so the test needs neither the vision
+    extra nor the real network's compute. ``test_real_models.py`` loads the real checkpoint."""
+
+    def build(name: str = "efficientnet-lite0", weights: object = None, **kwargs: object) -> EfficientNet:
+        torch.manual_seed(0)
+        return EfficientNet()
+
+    monkeypatch.setattr(pituning.backbones, "load_efficientnet_lite", build)
+
+
+def _class_images(path: Path, names: list[str], n: int = 60) -> Path:
+    """``n`` images (16x16 RGB), class ``c`` a colour of its own plus noise, in the npz format of the image data."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % len(names)
+    base = rng.integers(0, 255, (len(names), 1, 1, 3))
+    images = np.clip(base[labels] + rng.integers(-30, 30, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
+    np.savez(path, images=images, labels=labels, label_names=np.array(names))
+    return path
+
+
+def test_vision_language_dual_encoder_stages(tiny_backbone: str, tmp_path: Path, tiny_efficientnet: None) -> None:
+    dual = f"dual:efficientnet-lite0+{tiny_backbone}"
+    npz = str(_class_images(tmp_path / "colours.npz", ["w10", "w11", "w12", "w13"]))
+    bank = str(tmp_path / "bank")
+
+    def data(name: str, classes: list[str], **kwargs: object) -> VisionLanguageDataModule:
+        return VisionLanguageDataModule(
+            npz, dual, name, mode="matching", classes=classes, caption_template="w1 {}", image_size=16,
+            batch_size=8, **kwargs,
+        )  # fmt: skip
+
+    tasks = {"a": ["w10", "w11"], "b": ["w12", "w13"], "target": ["w13", "w10"]}
+    for name, classes in tasks.items():
+        module = ExpertTrainingModule(dual, {"kind": "lora", "r": 2}, name, bank, task_type="matching", lr=1e-2)
+        trainer(max_epochs=1).fit(module, data(name, classes))
+        embed = TaskEmbeddingModule(dual, bank, name, task_type="matching")
+        trainer(inference_mode=False).predict(embed, datamodule=data(name, classes))
+        assert embed.embedding is not None and embed.examples > 0
+        assert any(key.startswith("image.") for key in embed.embedding)  # both towers carry the expert
+        assert any(key.startswith("text.") for key in embed.embedding)
+    stored = ExpertBank(bank).get("a")
+    assert stored.backbone.family == "dual" and stored.backbone.source == dual
+    assert stored.head is not None and stored.head["image_proj.weight"].shape == (32, 24)  # into the text width
+
+    target = data("target", tasks["target"], shots_per_class=4)
+    module = InterpolationModule(dual, bank, "target", k=2, task_type="matching", lr=1e-2)
+    fit = trainer(max_epochs=2)
+    fit.fit(module, target)
+    assert {name for name, _ in module.selected} == {"a", "b"}
+    assert 0.0 <= fit.test(module, target, verbose=False)[0]["test_acc"] <= 1.0
+    result = ExpertBank(bank).get("target_pi")
+    assert result.head is not None and {"image_proj.weight", "text_proj.weight", "logit_scale"} <= set(result.head)
+    assert result.provenance["sources"] and set(result.provenance["sources"]) == {"a", "b"}
+
+
+def test_few_shot_loss_reads_the_classes_of_a_dual_pair_head(tmp_path: Path) -> None:
+    from families import tiny_dual
+    from pituning import ExpertModel, LoraConfig
+    from pituning.bank import Expert, TaskInfo
+    from pituning.heads import TaskModel
+    from pituning.modules.interpolate import rank_by_few_shot_loss
+
+    bank = ExpertBank(tmp_path / "bank")
+    experts = ExpertModel(tiny_dual())
+    for name in ("a", "b"):
+        experts.add_expert(name, LoraConfig(r=2))
+        head = TaskModel(experts, "pair_classification", 3).head_state_dict()  # 3 classes, in "classifier.weight"
+        bank.add(Expert.from_model(experts, name, TaskInfo(name, modality="vision-language"), head=head))
+        experts.remove_expert(name)
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randn(6, 3, 16, 16, generator=gen),
+        "input_ids": torch.randint(5, 40, (6, 5), generator=gen),
+        "attention_mask": torch.ones(6, 5, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 2, 0, 1, 2]),
+    }
+    ranked = rank_by_few_shot_loss(bank, experts, ["a", "b"], [batch], "pair_classification")
+    assert sorted(name for name, _ in ranked) == ["a", "b"]

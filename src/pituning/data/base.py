@@ -181,11 +181,14 @@ class TaskDataModule(pl.LightningDataModule):
         return self._tokenizer
 
     def load_tokenizer(self, name: str) -> Any:
-        """The tokenizer ``name`` (``pkg:<module>`` resolved); sets the pad ids used by :func:`pad_collate`."""
+        """The tokenizer ``name`` (``pkg:<module>`` resolved; a ``dual:<image>+<text>`` backbone name means its text
+        tower's); sets the pad ids used by :func:`pad_collate`."""
         from transformers import AutoTokenizer
 
-        from pituning.backbones import resolve_model_path
+        from pituning.backbones import dual_specs, resolve_model_path
 
+        if name.startswith("dual:"):
+            name = dual_specs(name)[1]
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from pituning.data.base import DataError, TaskDataModule, load_table
 
-__all__ = ["ImageClassificationDataModule", "to_pixels"]
+__all__ = ["ImageClassificationDataModule", "keep_classes", "read_npz", "to_pixels"]
 
 
 def to_pixels(
@@ -41,6 +41,38 @@ def to_pixels(
     mean_t = torch.tensor(mean, dtype=x.dtype)[:, None, None]
     std_t = torch.tensor(std, dtype=x.dtype)[:, None, None]
     return (x - mean_t) / std_t
+
+
+_Parts = dict[str, tuple[list[Any], list[Any]]]
+"""``{split: (records, raw labels)}``, what :meth:`~pituning.data.base.TaskDataModule.read` returns."""
+
+
+def read_npz(path: str | Path) -> _Parts:
+    """The ``train`` split of a ``.npz`` file: arrays ``images`` ``(N, H, W[, C])`` and ``labels`` (integers); with an
+    array ``label_names`` the labels index those names and the split carries the names. Read without pickle.
+
+    Raises:
+        DataError: ``images`` or ``labels`` is missing.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        if "images" not in data or "labels" not in data:
+            raise DataError(f"{path} must hold arrays 'images' and 'labels' (found {sorted(data.files)}).")
+        images, labels = data["images"], data["labels"]
+        if "label_names" in data:  # integer labels indexing stored class names
+            names = [str(n) for n in data["label_names"]]
+            return {"train": (list(images), [names[int(y)] for y in labels])}
+    return {"train": (list(images), [int(y) for y in labels])}
+
+
+def keep_classes(parts: _Parts, classes: Sequence[str] | None) -> _Parts:
+    """Keep the examples whose label (compared as a string) is in ``classes`` (class-subset tasks); all if ``None``."""
+    if classes is None:
+        return parts
+    keep = {str(c) for c in classes}
+    return {
+        split: ([r for r, y in zip(rs, ys, strict=True) if str(y) in keep], [y for y in ys if str(y) in keep])
+        for split, (rs, ys) in parts.items()
+    }
 
 
 class ImageClassificationDataModule(TaskDataModule):
@@ -89,10 +121,10 @@ class ImageClassificationDataModule(TaskDataModule):
         if self.classes and not self.label_names:
             self.label_names = list(self.classes)
 
-    def read(self) -> dict[str, tuple[list[Any], list[Any]]]:
+    def read(self) -> _Parts:
         path = Path(self.source)
         if path.suffix == ".npz":
-            return self._filter(self._read_npz(path))
+            return keep_classes(read_npz(path), self.classes)
         if path.is_dir() and not any(p.suffix in (".csv", ".jsonl", ".parquet") for p in path.iterdir()):
             import datasets
 
@@ -109,26 +141,7 @@ class ImageClassificationDataModule(TaskDataModule):
                 base = path.parent if path.is_file() else path
                 images = [str(base / p) if not Path(p).is_absolute() else p for p in images]
             out[split] = (images, labels)
-        return self._filter(out)
-
-    def _read_npz(self, path: Path) -> dict[str, tuple[list[Any], list[Any]]]:
-        with np.load(path, allow_pickle=False) as data:
-            if "images" not in data or "labels" not in data:
-                raise DataError(f"{path} must hold arrays 'images' and 'labels' (found {sorted(data.files)}).")
-            images, labels = data["images"], data["labels"]
-            if "label_names" in data:  # integer labels indexing stored class names
-                names = [str(n) for n in data["label_names"]]
-                return {"train": (list(images), [names[int(y)] for y in labels])}
-        return {"train": (list(images), [int(y) for y in labels])}
-
-    def _filter(self, parts: dict[str, tuple[list[Any], list[Any]]]) -> dict[str, tuple[list[Any], list[Any]]]:
-        if self.classes is None:
-            return parts
-        keep = set(self.classes)
-        return {
-            split: ([r for r, y in zip(rs, ys, strict=True) if str(y) in keep], [y for y in ys if str(y) in keep])
-            for split, (rs, ys) in parts.items()
-        }
+        return keep_classes(out, self.classes)
 
     def encode(self, record: Any, label: int) -> dict[str, Tensor]:
         if isinstance(record, str):

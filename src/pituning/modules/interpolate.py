@@ -83,7 +83,9 @@ def rank_by_few_shot_loss(
             if task_type == "matching" and candidates is not None:
                 num_classes = int(candidates["input_ids"].shape[0])  # one class per candidate text, any source head
             else:
-                num_classes = int(stored.head["weight"].shape[0]) if "weight" in stored.head else 2
+                # a linear head's weight, or a dual encoder's pair head's classifier
+                weight = stored.head.get("weight", stored.head.get("classifier.weight"))
+                num_classes = int(weight.shape[0]) if weight is not None else 2
             model = TaskModel(experts, task_type, num_classes, candidates=candidates)
             try:
                 model.head.load_state_dict(stored.head)
