@@ -282,3 +282,18 @@ def emoji_tasks(path: Path, per_task: int = 8, seed: int = 0) -> dict[str, list[
         keep = sorted(rng.permutation(len(members))[:per_task])
         tasks[task] = [names[members[i]] for i in keep]
     return tasks
+
+
+def fashion_captions(root: Path) -> Path:
+    """``<root>/fashion_captions.npz``: :func:`fashion_mnist`'s images with the class captions of
+    :data:`FASHION_CAPTIONS` (``"an ankle boot"``) as label names, for image-caption matching."""
+    out = root / "fashion_captions.npz"
+    if out.exists():
+        return out
+    with np.load(fashion_mnist(root), allow_pickle=False) as data:
+        images, labels = data["images"], data["labels"]
+    names = np.array([FASHION_CAPTIONS[c] for c in FASHION_CLASSES])
+    tmp = root / "fashion_captions.tmp.npz"
+    np.savez_compressed(tmp, images=images, labels=labels, label_names=names)
+    tmp.replace(out)
+    return out

