@@ -131,3 +131,53 @@ def test_lever_options_are_checked(tiny_backbone: str, tasks: dict[str, str], tm
     module = InterpolationModule(tiny_backbone, bank, "target", sources=["close", "far1"], k=2, logits_data="holdout")
     with pytest.raises(ConfigError, match="holdout_shots"):
         trainer(max_epochs=1, limit_val_batches=0).fit(module, data)
+
+
+def test_source_lr_puts_the_sources_in_their_own_group(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path
+) -> None:
+    bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8, batch_size=4)
+    module = InterpolationModule(tiny_backbone, bank, "target", sources=["close", "far1"], k=2, lr=1e-2,
+                                 source_lr=1e-4, weights_only_steps=3)  # fmt: skip
+    trainer(max_epochs=1, limit_val_batches=0).fit(module, data)
+    groups = {g["name"]: g for g in module.param_groups()}
+    assert groups["sources"]["lr"] == 1e-4 and groups["experts"]["lr"] == 1e-2
+    experts = module.task_model.experts if module.task_model else None
+    assert experts is not None
+    sources = {id(p) for name in ("close", "far1") for p in experts.expert_parameters(name).values()}
+    assert {id(p) for p in groups["sources"]["params"]} == sources
+    assert not sources & {id(p) for p in groups["experts"]["params"]}
+    assert module.lr_factor(groups["sources"], 0, total=10) == 0.0  # the weights-only warm-up holds the sources too
+
+
+def test_source_lr_zero_freezes_the_sources(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+    bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8, batch_size=4)
+    before = {n: p.clone() for n, p in ExpertBank(bank).get("close").state.items()}
+    module = InterpolationModule(tiny_backbone, bank, "target", sources=["close", "far1"], k=2, lr=1e-2, source_lr=0)
+    trainer(max_epochs=1, limit_val_batches=0).fit(module, data)
+    assert module.task_model is not None
+    after = module.task_model.experts.expert_state_dict("close")
+    trainable = {n for n, p in module.task_model.named_parameters() if p.requires_grad}
+    assert not any(n.endswith(".close") or n.endswith(".far1") for n in trainable)
+    assert any(n.endswith(".target_target") for n in trainable)
+    for name, value in after.items():
+        assert torch.equal(value, before[name])
+
+
+def test_head_init_sources_averages_the_sources_heads(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path
+) -> None:
+    bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
+    heads = [ExpertBank(bank).get(n).head for n in ("close", "far1")]
+    assert heads[0] is not None and heads[1] is not None
+    module = InterpolationModule(tiny_backbone, bank, "target", sources=["close", "far1"], k=2, head_init="sources",
+                                 init_weights=[3.0, 1.0, 1.0], num_classes=2)  # fmt: skip
+    assert module.task_model is not None
+    for key, value in module.task_model.head.state_dict().items():
+        assert torch.allclose(value, 0.75 * heads[0][key] + 0.25 * heads[1][key], atol=1e-6)
+    with pytest.raises(ConfigError, match="head_init must be one of"):
+        InterpolationModule(tiny_backbone, bank, "target", k=2, head_init="mean")
+    with pytest.raises(ConfigError, match="source_lr must be >= 0"):
+        InterpolationModule(tiny_backbone, bank, "target", k=2, source_lr=-1.0)

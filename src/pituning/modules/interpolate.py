@@ -53,6 +53,7 @@ def select_sources(
 
 
 PREDICTORS = ("fisher", "few_shot_loss")
+HEAD_INITS = ("target", "best_source", "sources", "fresh")
 
 
 def rank_by_few_shot_loss(
@@ -127,6 +128,9 @@ class InterpolationModule(ExpertTrainingModule):
         target_init: ``fresh`` (a new expert) or ``trained`` (the stored target expert).
         mode: ``experts_and_weights`` or ``weights_only``.
         logits_lr: learning rate of the interpolation logits (the experts use ``lr``).
+        source_lr: learning rate of the source experts in the pool (default ``lr``, which the target expert keeps):
+            lower keeps more of what the sources learned on their full data while the few shots train the
+            target expert and the logits; ``0`` freezes the sources' parameters (they still mix).
         weights_only_steps: train only the logits (and the head) for this many steps first.
         output_name: name of the collapsed expert (default ``<target>_pi``).
         rescale: Fisher rescaling for the similarity (``unit_mean`` or ``none``).
@@ -134,7 +138,9 @@ class InterpolationModule(ExpertTrainingModule):
             ``few_shot_loss`` (each source expert's loss, with its own head, on the target's training shots; needs
             ``candidates``).
         head_init: ``target`` (the target expert's stored head), ``best_source`` (the head of the top-ranked source,
-            when its classes are the target's) or ``fresh``.
+            when its classes are the target's), ``sources`` (the selected sources' heads averaged with the sources'
+            share of ``init_weights``, the head that matches the interpolated experts; needs heads of one shape) or
+            ``fresh``.
         init_weights: initial interpolation weights of the pool, sources in rank order then the target expert
             (normalised; default equal). For example ``[0.7, 0.1, 0.1, 0.1]`` starts near the best-ranked source.
         logits_data: ``train`` (the logits learn on the training batches, like the experts) or ``holdout`` (on the
@@ -155,6 +161,7 @@ class InterpolationModule(ExpertTrainingModule):
         target_init: str = "fresh",
         mode: str = "experts_and_weights",
         logits_lr: float = 5e-2,
+        source_lr: float | None = None,
         weights_only_steps: int = 0,
         output_name: str | None = None,
         rescale: str = "unit_mean",
@@ -168,8 +175,10 @@ class InterpolationModule(ExpertTrainingModule):
         check_train_mode(mode)
         if target_init not in ("fresh", "trained"):
             raise ConfigError(f"target_init must be 'fresh' or 'trained', got {target_init!r}.")
-        if head_init not in ("target", "fresh", "best_source"):
-            raise ConfigError(f"head_init must be 'target', 'best_source' or 'fresh', got {head_init!r}.")
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"head_init must be one of {list(HEAD_INITS)}, got {head_init!r}.")
+        if source_lr is not None and source_lr < 0:
+            raise ConfigError(f"source_lr must be >= 0 (0 freezes the source experts), got {source_lr}.")
         if k < 0:
             raise ConfigError(f"k must be >= 0, got {k}.")
         if logits_data not in ("train", "holdout"):
@@ -192,6 +201,7 @@ class InterpolationModule(ExpertTrainingModule):
             "target_init": target_init,
             "mode": mode,
             "logits_lr": logits_lr,
+            "source_lr": source_lr,
             "weights_only_steps": weights_only_steps,
             "output_name": output_name,
             "rescale": rescale,
@@ -247,11 +257,36 @@ class InterpolationModule(ExpertTrainingModule):
                     logits.copy_(torch.log(prior / prior.sum()).to(logits.device))
         if hp["head_init"] == "best_source" and self.selected:
             return bank.get(self.selected[0][0]).head
+        if hp["head_init"] == "sources" and self.selected:
+            return self._sources_head(bank)
         return target.head if hp["head_init"] == "target" else None
+
+    def _sources_head(self, bank: ExpertBank) -> dict[str, Tensor]:
+        """The selected sources' heads averaged with their share of ``init_weights`` (equal by default)."""
+        heads = [bank.get(name).head for name, _ in self.selected]
+        shapes = [None if h is None else {k: v.shape for k, v in h.items()} for h in heads]
+        for (name, _), shape in zip(self.selected, shapes, strict=True):
+            if shape is None or shape != shapes[0]:
+                raise ConfigError(
+                    f"head_init='sources' averages the sources' heads, but {name!r} has no head or one of another "
+                    "shape than the top-ranked source's (other classes); use head_init='target' or 'fresh'."
+                )
+        init = self.opts["init_weights"]
+        shares = torch.tensor(init[: len(heads)] if init else [1.0] * len(heads), dtype=torch.float32)
+        shares = shares / shares.sum()
+        return {
+            key: sum(
+                (float(w) * h[key].float() for w, h in zip(shares, heads, strict=True) if h is not None),
+                torch.zeros(()),
+            )
+            for key in shapes[0] or {}
+        }
 
     def select_trainable(self) -> list[str]:
         assert self.task_model is not None
         experts = self.pool if self.opts["mode"] == "experts_and_weights" else []
+        if self.opts["source_lr"] == 0:
+            experts = [e for e in experts if e == self.expert_name]
         self.task_model.experts.set_trainable(experts, interpolation=True)
         for param in self.task_model.head.parameters():
             param.requires_grad_(True)
@@ -261,10 +296,19 @@ class InterpolationModule(ExpertTrainingModule):
         assert self.task_model is not None
         logits = [p for p in self.task_model.experts.interpolation_parameters().values() if p.requires_grad]
         logit_ids = {id(p) for p in logits}
+        source_lr = self.opts["source_lr"]
+        source_ids = set()
+        if source_lr:  # None: one group at ``lr``; 0: the sources are frozen (select_trainable)
+            for name, _ in self.selected:
+                source_ids |= {id(p) for p in self.task_model.experts.expert_parameters(name).values()}
         groups = []
         for group in super().param_groups():
-            group["params"] = [p for p in group["params"] if id(p) not in logit_ids]
+            params = group["params"]
+            group["params"] = [p for p in params if id(p) not in logit_ids and id(p) not in source_ids]
             groups.append(group)
+            if group["name"] == "experts" and source_ids:
+                sources = [p for p in params if id(p) in source_ids and p.requires_grad]
+                groups.append({"params": sources, "lr": source_lr, "name": "sources"})
         groups.append({"params": logits, "lr": self.opts["logits_lr"], "name": "logits", "weight_decay": 0.0})
         return [g for g in groups if g["params"]]
 
@@ -305,7 +349,7 @@ class InterpolationModule(ExpertTrainingModule):
             param.grad = None if grad is None else grad.detach()
 
     def lr_factor(self, group: dict[str, Any], step: int, *, total: int) -> float:
-        if group.get("name") == "experts" and step < self.opts["weights_only_steps"]:
+        if group.get("name") in ("experts", "sources") and step < self.opts["weights_only_steps"]:
             return 0.0
         return super().lr_factor(group, step, total=total)
 
