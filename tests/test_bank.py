@@ -174,6 +174,25 @@ def test_average_params_and_delta(location: str) -> None:
         bank.average(["a", "b"], [1.0], name="x")
 
 
+def test_average_heads_and_overwrite(location: str) -> None:
+    bank = ExpertBank(location)
+    a, b, c = tiny_expert("a", 0), tiny_expert("b", 1), tiny_expert("c", 2)
+    a.head = {"weight": torch.ones(3, 4), "bias": torch.zeros(3)}
+    b.head = {"weight": torch.zeros(3, 4), "bias": torch.ones(3)}
+    c.head = {"weight": torch.ones(5, 4), "bias": torch.zeros(5)}  # another label set
+    bank.add_many([a, b, c])
+    bank.average(["a", "b"], [0.25, 0.75], name="avg")
+    head = bank.get("avg").head
+    assert head is not None
+    torch.testing.assert_close(head["weight"], torch.full((3, 4), 0.25))
+    torch.testing.assert_close(head["bias"], torch.full((3,), 0.75))
+    assert bank.average(["a", "c"], name="mixed").head is None  # heads of other shapes are not averaged
+    with pytest.raises(BankError, match="avg"):
+        bank.average(["a", "b"], name="avg")
+    again = bank.average(["b", "a"], [0.5, 0.5], name="avg", overwrite=True)
+    assert bank.get("avg").provenance["average_of"] == ["b", "a"] and again.head is not None
+
+
 def test_similar_ranks_by_fisher_similarity(location: str) -> None:
     bank = ExpertBank(location)
     target = tiny_expert("target", 0)

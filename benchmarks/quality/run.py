@@ -564,9 +564,7 @@ class Runner:
             start_from = top[0]
             if method == "uniform_average":
                 start_from = f"{ctx.name}_avg"
-                if start_from in bank:
-                    bank.remove(start_from)
-                bank.average(top, name=start_from)
+                bank.average(top, name=start_from, overwrite=True)
             module = ExpertTrainingModule(s.backbone, s.expert, f"{ctx.name}_{method}", str(self.bank_dir),
                                           init_from=start_from, overwrite=True, **s.module)  # fmt: skip
             if not self.heads_transfer():  # the source's head is for other classes: a fresh one

@@ -570,8 +570,12 @@ class ExpertBank:
         name: str,
         lora: str = "params",
         task: TaskInfo | None = None,
+        overwrite: bool = False,
     ) -> Expert:
         """Store the weighted parameter average ``sum_i w_i theta_i`` of ``names`` as a new expert ``name``.
+
+        When every expert has a head and the heads have the same shapes (one label set), the new expert's head is
+        their average with the same weights; otherwise it has none.
 
         Args:
             names: experts of one kind, config and backbone.
@@ -581,6 +585,7 @@ class ExpertBank:
                 ``add_weighted_adapter``); ``delta`` averages the updates ``B A`` exactly, as one LoRA of rank
                 ``sum r_i`` (ranks may then differ).
             task: task of the new expert (default: the first expert's task).
+            overwrite: replace an existing entry ``name`` (a re-run's average).
         """
         if not names:
             raise ConfigError("average() needs at least one expert name.")
@@ -615,16 +620,27 @@ class ExpertBank:
                 k: sum((float(w[i]) * e.state[k].double() for i, e in enumerate(experts)), torch.zeros(())).float()
                 for k in first.state
             }
+        heads = [e.head for e in experts]
+        head = None
+        if all(h is not None for h in heads):
+            shapes = [{k: v.shape for k, v in h.items()} for h in heads if h is not None]
+            if all(shape == shapes[0] for shape in shapes):
+                head = {
+                    k: sum((float(w[i]) * h[k].double() for i, h in enumerate(heads) if h is not None),
+                           torch.zeros(())).float()
+                    for k in shapes[0]
+                }  # fmt: skip
         averaged = Expert(
             name=name,
             config=config,
             state=state,
             task=task or first.task,
             backbone=first.backbone,
+            head=head,
             provenance={"average_of": list(names), "weights": [float(x) for x in weights], "lora": lora},
             modules=first.modules,
         )
-        self.add(averaged)
+        self.add(averaged, overwrite=overwrite)
         return averaged
 
     def similar(

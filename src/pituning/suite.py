@@ -233,9 +233,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                     start_from = ranked[0]
                 elif baseline == "uniform_average":
                     start_from = f"{name}_avg"
-                    if start_from in bank:
-                        bank.remove(start_from)
-                    bank.average(ranked, name=start_from)
+                    bank.average(ranked, name=start_from, overwrite=True)
                 else:
                     raise ConfigError(f"Unknown baseline {baseline!r}; use best_source_init or uniform_average.")
                 say(f"target {name}: baseline {baseline} (from {start_from})")
