@@ -574,8 +574,8 @@ class Runner:
         if method == "pi_weights_only":
             opts["mode"] = "weights_only"
         opts.setdefault("k", s.k)
-        if not self.heads_transfer() and opts.get("head_init") == "best_source":
-            opts["head_init"] = "target"  # a source's head is for other classes: the target expert's head instead
+        if not self.heads_transfer() and opts.get("head_init") in ("best_source", "sources"):
+            opts["head_init"] = "target"  # the sources' heads are for other classes: the target expert's instead
         if "init_weights" in opts and len(opts["init_weights"]) != opts["k"] + 1:
             raise SystemExit(f"variant init_weights {opts['init_weights']} needs k + 1 = {opts['k'] + 1} weights")
         pi = InterpolationModule(s.backbone, str(self.bank_dir), ctx.name, candidates=cands, overwrite=True,
