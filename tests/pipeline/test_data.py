@@ -153,6 +153,30 @@ def test_vision_language_matching_from_npz_with_a_class_subset(tiny_backbone: st
         VisionLanguageDataModule(str(npz), tiny_backbone, "vl", mode="pair")
 
 
+def test_unseen_classes_are_tested_but_never_trained_on(tiny_backbone: str, tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 255, (60, 12, 12, 3), dtype=np.uint8)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, images=images, labels=np.arange(60) % 3, label_names=np.array(["w10", "w11", "w12"]))
+    options = {"mode": "matching", "image_size": 8, "caption_template": "{}"}
+    data = VisionLanguageDataModule(str(npz), tiny_backbone, "vl", unseen_classes=["w11"], **options)
+    data.setup()
+    unseen = data.label_names.index("w11")
+    assert data.label_names == ["w10", "w11", "w12"]  # still a class: its caption is a candidate
+    assert unseen not in data.splits["train"][1] and unseen not in data.splits["validation"][1]
+    assert unseen in data.splits["test"][1]
+    full = VisionLanguageDataModule(str(npz), tiny_backbone, "vl", **options)
+    full.setup()
+    assert data.splits["test"][1] == full.splits["test"][1]  # the same fixed test set
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(data.splits["test"][0], full.splits["test"][0], strict=True))
+    shots = VisionLanguageDataModule(str(npz), tiny_backbone, "vl", unseen_classes=["w11"], shots_per_class=3,
+                                     **options)  # fmt: skip
+    shots.setup()
+    assert sorted(shots.splits["train"][1]) == [0, 0, 0, 2, 2, 2]
+    assert data.candidates()["input_ids"].shape[0] == 3
+    with pytest.raises(DataError, match="unseen_classes \\['w13'\\] are not among its classes"):
+        VisionLanguageDataModule(str(npz), tiny_backbone, "vl", unseen_classes=["w13"], **options).setup()
+
+
 def test_text_module_rejects_bad_options(tiny_backbone: str, tasks: dict[str, str]) -> None:
     from pituning import ConfigError
 

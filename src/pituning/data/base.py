@@ -121,6 +121,9 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         label_names: class names in label order (default: the labels found in the data, sorted: integers
             numerically, then names alphabetically).
+        unseen_classes: label names whose examples never reach the training or validation split: they stay
+            classes (a matching task's candidate captions, a head's outputs) and are tested, but no method sees one
+            of their images or texts in training (open-vocabulary evaluation).
     """
 
     modality = "other"
@@ -141,6 +144,7 @@ class TaskDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         label_names: Sequence[str] | None = None,
+        unseen_classes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if shots_per_class is not None and shots_per_class < 1:
@@ -166,6 +170,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.label_names: list[str] = list(label_names or [])
+        self.unseen_classes = [str(c) for c in unseen_classes]
         self.splits: dict[str, tuple[list[Any], list[int]]] = {}
         self._pad_ids: dict[str, int] = {}
         self.tokenizer_name: str | None = None
@@ -231,6 +236,8 @@ class TaskDataModule(pl.LightningDataModule):
         if "validation" not in parts and self.val_fraction > 0:
             train, parts["validation"] = _split(train, self.val_fraction, rng)
         parts["train"] = train
+        if self.unseen_classes:
+            self._hide_unseen(parts, index)
         if self.shots_per_class is not None:
             parts["train"] = self._k_shot(parts["train"])
             if self.holdout_shots:
@@ -242,6 +249,25 @@ class TaskDataModule(pl.LightningDataModule):
                 if split in parts:
                     parts[split] = _cap(parts[split], self.max_eval_examples, random.Random(self.split_seed))
         self.splits = parts
+
+    def _hide_unseen(self, parts: dict[str, tuple[list[Any], list[int]]], index: dict[str, int]) -> None:
+        """Drop the ``unseen_classes`` from the training and validation splits (the test split keeps them)."""
+        missing = [c for c in self.unseen_classes if c not in index]
+        if missing:
+            raise DataError(
+                f"Task {self.task_name!r}: unseen_classes {missing[:5]} are not among its classes {self.label_names}; "
+                "name classes of the task."
+            )
+        hidden = {index[c] for c in self.unseen_classes}
+        for split in ("train", "validation"):
+            if split in parts:
+                records, labels = parts[split]
+                keep = [i for i, y in enumerate(labels) if y not in hidden]
+                parts[split] = ([records[i] for i in keep], [labels[i] for i in keep])
+        if len(set(parts["train"][1])) < 1:
+            raise DataError(
+                f"Task {self.task_name!r}: every class is in unseen_classes; leave at least one class to train on."
+            )
 
     def _k_shot(self, part: tuple[list[Any], list[int]]) -> tuple[list[Any], list[int]]:
         assert self.shots_per_class is not None
