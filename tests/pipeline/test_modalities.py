@@ -183,3 +183,33 @@ def test_few_shot_loss_reads_the_classes_of_a_dual_pair_head(tmp_path: Path) -> 
     }
     ranked = rank_by_few_shot_loss(bank, experts, ["a", "b"], [batch], "pair_classification")
     assert sorted(name for name, _ in ranked) == ["a", "b"]
+
+
+def test_unseen_classes_take_no_part_in_the_training_loss(
+    tiny_backbone: str, tmp_path: Path, tiny_efficientnet: None
+) -> None:
+    dual = f"dual:efficientnet-lite0+{tiny_backbone}"
+    npz = str(_class_images(tmp_path / "colours.npz", ["w10", "w11", "w12", "w13"]))
+    data = VisionLanguageDataModule(npz, dual, "open", mode="matching", caption_template="w1 {}", image_size=16,
+                                    batch_size=8, unseen_classes=["w13", "w11"])  # fmt: skip
+    module = ExpertTrainingModule(dual, {"kind": "lora", "r": 2}, "open", None, task_type="matching", lr=1e-2)
+    losses: list[float] = []
+    original = module._loss
+
+    def spy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if module.training:
+            assert (logits[:, [1, 3]] == torch.finfo(logits.dtype).min).all()  # masked in the training softmax
+            assert (logits[:, [0, 2]] > torch.finfo(logits.dtype).min).all()
+        loss = original(logits, labels)
+        losses.append(float(loss))
+        return loss
+
+    module._loss = spy  # type: ignore[method-assign]
+    fit = trainer(max_epochs=1)
+    fit.fit(module, data)
+    assert module.unseen is not None and module.unseen.tolist() == [3, 1]
+    assert losses and all(loss == loss for loss in losses)  # finite: no -inf - -inf
+    module.eval()
+    batch = next(iter(data.test_dataloader()))
+    logits = module(**{k: v for k, v in batch.items() if k != "labels"})
+    assert logits.shape[1] == 4 and torch.isfinite(logits).all()  # tested against every caption

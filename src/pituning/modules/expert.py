@@ -81,6 +81,7 @@ class ExpertTrainingModule(StageModule):
         self.task_model: TaskModel | None = None
         self.metrics = nn.ModuleDict()
         self.stored: Expert | None = None
+        self.unseen: Tensor | None = None  # the DataModule's unseen_classes: left out of the training loss
         if num_classes is not None or task_type == "text_to_text":
             self._build(num_classes or 2, None)
 
@@ -138,6 +139,8 @@ class ExpertTrainingModule(StageModule):
         candidates = datamodule.candidates() if self.hp.task_type == "matching" else None
         self._build(datamodule.num_classes, candidates)
         self.hp.num_classes = datamodule.num_classes
+        unseen = [datamodule.label_names.index(c) for c in getattr(datamodule, "unseen_classes", [])]
+        self.unseen = torch.tensor(unseen, dtype=torch.long) if unseen else None
 
     # ------------------------------------------------------------------ steps
     def forward(self, **inputs: Tensor) -> Tensor:
@@ -184,9 +187,16 @@ class ExpertTrainingModule(StageModule):
         assert isinstance(metric, MulticlassAccuracy)
         return metric
 
+    def _train_logits(self, logits: Tensor) -> Tensor:
+        """Training logits: a DataModule's ``unseen_classes`` take no part in the softmax (their captions would
+        otherwise be learned as negatives of every training example, and never chosen at test time)."""
+        if self.unseen is None or logits.dim() != 2:
+            return logits
+        return logits.index_fill(-1, self.unseen.to(logits.device), torch.finfo(logits.dtype).min)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         labels = batch["labels"]
-        logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+        logits = self._train_logits(self(**{k: v for k, v in batch.items() if k != "labels"}))
         loss = self._loss(logits, labels)
         self.log("train_loss", loss, prog_bar=True, batch_size=labels.shape[0])
         if logits.dim() == 2:

@@ -333,7 +333,9 @@ class InterpolationModule(ExpertTrainingModule):
             assert self.task_model is not None
             logits = list(self.task_model.experts.interpolation_parameters().values())
             held = self._holdout_batch()
-            loss = self._loss(self(**{k: v for k, v in held.items() if k != "labels"}), held["labels"])
+            loss = self._loss(
+                self._train_logits(self(**{k: v for k, v in held.items() if k != "labels"})), held["labels"]
+            )
             self.log("holdout_loss", loss, batch_size=held["labels"].shape[0])
             grads = torch.autograd.grad(loss, logits, allow_unused=True)
             self._holdout_grads = list(grads)
