@@ -829,6 +829,7 @@ def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path)
     """Spearman correlation of each predictor with each transfer measure, and top-3 hit rates, per target/seed."""
     measures = ["fine_tuned", "zero_shot"]
     per: dict[str, Any] = {}
+    constant: set[str] = set()  # (run, measure) where every source transfers equally: no ranking to predict
     for run, item in data.items():
         per[run] = {}
         for pred, scores in item["predictors"].items():
@@ -836,6 +837,9 @@ def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path)
                 truth = item[measure]
                 common = [c for c in item["sources"] if c in scores and c in truth]
                 if len(common) < 3:
+                    continue
+                if len({truth[c] for c in common}) < 2:
+                    constant.add(f"{run} ({measure})")
                     continue
                 x, y = [scores[c] for c in common], [truth[c] for c in common]
                 top_pred = set(sorted(common, key=lambda c: -scores[c])[:3])
@@ -849,7 +853,7 @@ def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path)
         summary[key] = {"spearman_mean": statistics.fmean(rhos), "spearman_std": _mean_std(rhos)[1],
                         "top3_mean": statistics.fmean(hits), "n": len(rhos)}  # fmt: skip
     result = {"suite": suite.name, "command": command, "machine": machine(), "date": datetime.date.today().isoformat(),
-              "runs": data, "per_run": per, "summary": summary}  # fmt: skip
+              "runs": data, "per_run": per, "summary": summary, "constant": sorted(constant)}  # fmt: skip
     lines = [f"# Does similarity predict transfer? ({suite.name} suite)", "",
              "For each target (16 shots per class) and seed, every candidate source's real transfer: the target "
              "fine-tuned from that source's expert (same shots and steps as every method), and, where heads "
@@ -858,6 +862,8 @@ def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path)
              "and the source expert's loss on the target's shots. Spearman ρ over the candidate sources, and the "
              "top-3 hit rate (share of the predictor's top 3 among the 3 best real transfers).", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}", "",
+             *([f"Left out, every source transferring equally (no ranking to predict): {', '.join(sorted(constant))}.",
+                ""] if constant else []),
              "| predictor | transfer measure | Spearman ρ (mean ± std) | top-3 hit rate | runs |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for key, v in summary.items():
