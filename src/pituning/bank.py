@@ -48,6 +48,7 @@ __all__ = [
     "Expert",
     "ExpertBank",
     "TaskInfo",
+    "average_heads",
     "sync_experts_",
 ]
 
@@ -620,16 +621,7 @@ class ExpertBank:
                 k: sum((float(w[i]) * e.state[k].double() for i, e in enumerate(experts)), torch.zeros(())).float()
                 for k in first.state
             }
-        heads = [e.head for e in experts]
-        head = None
-        if all(h is not None for h in heads):
-            shapes = [{k: v.shape for k, v in h.items()} for h in heads if h is not None]
-            if all(shape == shapes[0] for shape in shapes):
-                head = {
-                    k: sum((float(w[i]) * h[k].double() for i, h in enumerate(heads) if h is not None),
-                           torch.zeros(())).float()
-                    for k in shapes[0]
-                }  # fmt: skip
+        head = average_heads([e.head for e in experts], [float(x) for x in w])
         averaged = Expert(
             name=name,
             config=config,
@@ -877,6 +869,21 @@ class _EmbeddingIndex:
         if rescale not in self._prepared:
             self._prepared[rescale] = prepare_rows(self.raw, self.sizes, rescale)
         return self._prepared[rescale]
+
+
+def average_heads(heads: Sequence[Mapping[str, Tensor] | None], weights: Sequence[float]) -> dict[str, Tensor] | None:
+    """``sum_i weights[i] * heads[i]`` per tensor (accumulated in fp64, returned fp32); ``None`` when a head is missing
+    or the heads differ in shape (other label sets): such heads do not average."""
+    if not heads or any(h is None for h in heads):
+        return None
+    present = [h for h in heads if h is not None]
+    shapes = [{k: v.shape for k, v in h.items()} for h in present]
+    if any(shape != shapes[0] for shape in shapes):
+        return None
+    return {
+        k: sum((float(w) * h[k].double() for w, h in zip(weights, present, strict=True)), torch.zeros(())).float()
+        for k in shapes[0]
+    }
 
 
 def _lora_delta_average(experts: Sequence[Expert], w: Tensor) -> tuple[dict[str, Tensor], ExpertConfig]:

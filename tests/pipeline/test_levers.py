@@ -3,6 +3,7 @@ data."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -177,6 +178,11 @@ def test_head_init_sources_averages_the_sources_heads(
     assert module.task_model is not None
     for key, value in module.task_model.head.state_dict().items():
         assert torch.allclose(value, 0.75 * heads[0][key] + 0.25 * heads[1][key], atol=1e-6)
+    headless = dataclasses.replace(ExpertBank(bank).get("far1"), name="headless", head=None)
+    ExpertBank(bank).add(headless)
+    with pytest.raises(ConfigError, match="has no head or one of another shape"):
+        InterpolationModule(tiny_backbone, bank, "target", sources=["close", "headless"], k=2, head_init="sources",
+                            num_classes=2)  # fmt: skip
     with pytest.raises(ConfigError, match="head_init must be one of"):
         InterpolationModule(tiny_backbone, bank, "target", k=2, head_init="mean")
     with pytest.raises(ConfigError, match="source_lr must be >= 0"):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pituning.bank import ExpertBank
+from pituning.bank import ExpertBank, average_heads
 from pituning.errors import BankError, ConfigError
 from pituning.experts.inject import check_train_mode
 from pituning.model import ExpertModel
@@ -263,24 +263,16 @@ class InterpolationModule(ExpertTrainingModule):
 
     def _sources_head(self, bank: ExpertBank) -> dict[str, Tensor]:
         """The selected sources' heads averaged with their share of ``init_weights`` (equal by default)."""
-        heads = [bank.get(name).head for name, _ in self.selected]
-        shapes = [None if h is None else {k: v.shape for k, v in h.items()} for h in heads]
-        for (name, _), shape in zip(self.selected, shapes, strict=True):
-            if shape is None or shape != shapes[0]:
-                raise ConfigError(
-                    f"head_init='sources' averages the sources' heads, but {name!r} has no head or one of another "
-                    "shape than the top-ranked source's (other classes); use head_init='target' or 'fresh'."
-                )
         init = self.opts["init_weights"]
-        shares = torch.tensor(init[: len(heads)] if init else [1.0] * len(heads), dtype=torch.float32)
-        shares = shares / shares.sum()
-        return {
-            key: sum(
-                (float(w) * h[key].float() for w, h in zip(shares, heads, strict=True) if h is not None),
-                torch.zeros(()),
+        shares = torch.tensor(init[: len(self.selected)] if init else [1.0] * len(self.selected), dtype=torch.float64)
+        head = average_heads([bank.get(name).head for name, _ in self.selected], (shares / shares.sum()).tolist())
+        if head is None:
+            raise ConfigError(
+                "head_init='sources' averages the sources' heads, but one of "
+                f"{[name for name, _ in self.selected]} has no head or one of another shape than the others (other "
+                "classes); use head_init='target' or 'fresh'."
             )
-            for key in shapes[0] or {}
-        }
+        return head
 
     def select_trainable(self) -> list[str]:
         assert self.task_model is not None
