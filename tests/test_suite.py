@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import pituning.backbones
 from pituning import ExpertBank
-from pituning.suite import make_probe
+from pituning.errors import ConfigError
+from pituning.suite import evaluate_quality, expert_quality, make_probe
 
 
 def test_make_probe_reuses_a_matching_probe_and_replaces_a_stale_one(
@@ -25,3 +27,37 @@ def test_make_probe_reuses_a_matching_probe_and_replaces_a_stale_one(
     assert bank.get("probe").config.kind == "adapter"
     make_probe(tiny_backbone, {"kind": "adapter", "bottleneck": 4}, bank, seed=1)
     assert bank.get("probe").provenance["probe_seed"] == 1
+
+
+def test_expert_quality_flags_an_expert_that_only_learned_the_prior() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 2, -1])  # -1: no class (a text-to-text target that spells none)
+    prior_only = expert_quality(torch.tensor([0, 0, 0, 0, 0, 1]), labels)
+    assert prior_only.acc == pytest.approx(0.6) and prior_only.majority_share == 1.0
+    assert prior_only.true_majority_share == pytest.approx(0.6) and prior_only.collapsed
+    good = expert_quality(torch.tensor([0, 0, 0, 1, 0, 1]), labels)
+    assert good.acc == pytest.approx(0.8) and not good.collapsed
+    assert good.to_dict() == {"acc": good.acc, "majority_share": 0.8, "true_majority_share": 0.6, "collapsed": False}
+    with pytest.raises(ConfigError, match="two 1-D tensors"):
+        expert_quality(torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(ConfigError, match="No labelled example"):
+        expert_quality(torch.tensor([0]), torch.tensor([-1]))
+
+
+def test_evaluate_quality_uses_the_modules_predictions_and_restores_its_mode() -> None:
+    class Constant(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def predict_classes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            assert not self.training
+            return torch.zeros_like(batch["labels"])
+
+        def class_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return batch["labels"]
+
+    module = Constant()
+    batches = [{"labels": torch.tensor([0, 1])}, {"labels": torch.tensor([0, 0])}]
+    quality = evaluate_quality(module, batches)
+    assert (quality.acc, quality.majority_share, quality.collapsed) == (0.75, 1.0, True)
+    assert module.training
+    with pytest.raises(ConfigError, match="empty"):
+        evaluate_quality(module, [])

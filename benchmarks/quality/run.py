@@ -341,28 +341,6 @@ def linear_probe(suite: Suite, dm: Any) -> float:
     return float(((xt @ weight + bias).argmax(-1) == yt).float().mean())
 
 
-def source_quality(module: Any, dm: Any) -> dict[str, Any]:
-    """A trained source expert on its own domain's test set: accuracy, and the share of its most predicted class
-    against the true majority share. ``collapsed``: it is no better than always predicting the majority class, so it
-    learned the class prior and nothing else (METHOD.md: such experts must be flagged before they are used)."""
-    model = module.task_model.eval()
-    predicted, labels = [], []
-    with torch.no_grad():
-        for batch in dm.test_dataloader():
-            predicted.append(model(**{k: v for k, v in batch.items() if k != "labels"}).argmax(-1))
-            labels.append(batch["labels"])
-    pred, true = torch.cat(predicted), torch.cat(labels)
-    share = float(pred.bincount().max()) / len(pred)
-    true_share = float(true.bincount().max()) / len(true)
-    return {"acc": float((pred == true).float().mean()), "majority_share": share, "true_majority_share": true_share,
-            "collapsed": collapsed(float((pred == true).float().mean()), true_share)}  # fmt: skip
-
-
-def collapsed(acc: float, true_majority_share: float) -> bool:
-    """No better than always predicting the majority class (half a point of slack)."""
-    return acc <= true_majority_share + 0.005
-
-
 def full_finetune_module(suite: Suite) -> Any:
     from pituning.modules import ExpertTrainingModule
 
@@ -437,7 +415,7 @@ class Runner:
 
         from pituning.bank import ExpertBank
         from pituning.modules import ExpertTrainingModule
-        from pituning.suite import make_probe
+        from pituning.suite import evaluate_quality, make_probe
 
         s = self.suite
         bank = ExpertBank(self.bank_dir)
@@ -458,7 +436,7 @@ class Runner:
                 s.backbone, s.expert, task.name, str(self.bank_dir), overwrite=True, **s.module
             )
             trainer(max_epochs=s.source_epochs).fit(module, dm)
-            quality = source_quality(module, dm)
+            quality = evaluate_quality(module, dm.test_dataloader()).to_dict()
             self.say(f"source {task.name}: {quality}")
             if quality["collapsed"]:
                 self.say(
@@ -716,6 +694,8 @@ def report(
 ) -> dict[str, Any]:
     """Mean ± std per target and per suite, paired differences of every π variant against every baseline; the
     source experts' own quality (``sources``: the runner's ``sources.json``)."""
+    from pituning.suite import quality_table
+
     summary: dict[str, Any] = {"suite": suite.name, "command": command, "machine": machine(), "notes": suite.notes,
                                "date": datetime.date.today().isoformat(), "regimes": {}}  # fmt: skip
     lines = [f"# Quality: {suite.name} suite", "", suite.notes, "",
@@ -726,12 +706,7 @@ def report(
         lines += ["## Source experts", "", "Each source expert on its own domain's test set: accuracy, and the share "
                   "of its most predicted class against the true majority share (collapsed: no better than always "
                   "predicting the majority class).",
-                  "", "| source | accuracy | predicted majority share | true majority share | collapsed |",
-                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
-        for name, q in quality.items():
-            lines.append(f"| {name} | {q['acc']:.4f} | {q['majority_share']:.2f} | {q['true_majority_share']:.2f} | "
-                         f"{'**yes**' if collapsed(q['acc'], q['true_majority_share']) else 'no'} |")  # fmt: skip
-        lines.append("")
+                  "", *quality_table(quality), ""]  # fmt: skip
     for regime in ("few", "full"):
         part = [r for r in rows if r["regime"] == regime]
         if not part:

@@ -7,20 +7,30 @@ results), so a suite can be inspected and resumed.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from pituning.bank import Expert, ExpertBank, TaskInfo
-from pituning.errors import ConfigError
+from pituning.errors import ConfigError, ExpertError
 
-__all__ = ["SuiteConfig", "TaskSpec", "make_probe", "run_suite"]
+__all__ = [
+    "ExpertQuality",
+    "SuiteConfig",
+    "TaskSpec",
+    "evaluate_quality",
+    "expert_quality",
+    "make_probe",
+    "quality_table",
+    "run_suite",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,10 @@ class SuiteConfig:
     or a bank expert name."""
     estimator: str = "per_sample"
     """Fisher estimator."""
+    embed_examples: int | None = None
+    """Training examples of a source in its Fisher pass (a random subset of its training split; ``None``: all it was
+    trained on). The per-sample Fisher costs about one forward and backward per example, and a few hundred examples
+    give a stable embedding."""
     precision: str = "32-true"
     """Lightning precision (``bf16-mixed`` ...)."""
     accelerator: str = "auto"
@@ -83,6 +97,94 @@ class SuiteConfig:
     head, fine-tuned) and ``uniform_average`` (the parameter average of the top-k sources, fine-tuned)."""
     devices: Any = 1
     """Lightning devices."""
+    collapsed_sources: Literal["warn", "exclude", "error"] = "warn"
+    """What to do with a source expert that is no better than always predicting its majority class (checked on its
+    own test set right after training): ``warn`` (use it, flag it in the log and the results), ``exclude`` (leave it
+    out of every target's candidates) or ``error`` (stop with an ``ExpertError``)."""
+
+
+@dataclass(frozen=True)
+class ExpertQuality:
+    """A trained expert on its own task's test set."""
+
+    acc: float
+    """Accuracy."""
+    majority_share: float
+    """Share of the test set given the expert's most predicted class."""
+    true_majority_share: float
+    """Share of the test set's most frequent class (always predicting it scores this accuracy)."""
+
+    @property
+    def collapsed(self) -> bool:
+        """No better than always predicting the majority class (half a point of slack): the expert learned the class
+        prior and nothing else, so interpolating it only moves the target towards that prior."""
+        return self.acc <= self.true_majority_share + 0.005
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "collapsed": self.collapsed}
+
+
+def expert_quality(predicted: torch.Tensor, labels: torch.Tensor) -> ExpertQuality:
+    """Quality of class predictions against labels (1-D integer tensors of one length; labels ``< 0`` are ignored).
+
+    >>> q = expert_quality(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 1]))
+    >>> q.acc, q.majority_share, q.true_majority_share, q.collapsed
+    (0.75, 1.0, 0.75, True)
+    """
+    if predicted.shape != labels.shape or predicted.dim() != 1:
+        raise ConfigError(f"predicted {tuple(predicted.shape)} and labels {tuple(labels.shape)}: give two 1-D tensors "
+                          "of one length.")  # fmt: skip
+    keep = labels >= 0
+    predicted, labels = predicted[keep], labels[keep]
+    if labels.numel() == 0:
+        raise ConfigError("No labelled example to judge the expert on: give a test set with labels.")
+    n = labels.numel()
+    return ExpertQuality(
+        acc=float((predicted == labels).sum()) / n,
+        majority_share=float(predicted.unique(return_counts=True)[1].max()) / n,
+        true_majority_share=float(labels.unique(return_counts=True)[1].max()) / n,
+    )
+
+
+def quality_table(quality: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown table (one line per row) of :meth:`ExpertQuality.to_dict` results by expert name.
+
+    >>> print("\\n".join(quality_table({"cars": expert_quality(torch.tensor([1, 1]), torch.tensor([1, 0])).to_dict()})))
+    | source | accuracy | most predicted class share | majority class share | collapsed |
+    | --- | --- | --- | --- | --- |
+    | cars | 0.5000 | 1.00 | 0.50 | **yes** |
+    """
+    lines = [
+        "| source | accuracy | most predicted class share | majority class share | collapsed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, q in quality.items():
+        checked = ExpertQuality(q["acc"], q["majority_share"], q["true_majority_share"])
+        lines.append(
+            f"| {name} | {checked.acc:.4f} | {checked.majority_share:.2f} | {checked.true_majority_share:.2f} | "
+            + ("**yes**" if checked.collapsed else "no")
+            + " |"
+        )
+    return lines
+
+
+def evaluate_quality(module: Any, dataloader: Any) -> ExpertQuality:
+    """:func:`expert_quality` of a trained :class:`~pituning.modules.ExpertTrainingModule` over ``dataloader`` (its
+    task's test set), on the module's device, in eval mode (restored afterwards)."""
+    was_training = module.training
+    module.eval()
+    predicted, labels = [], []
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                predicted.append(module.predict_classes(batch).cpu())
+                labels.append(module.class_labels(batch).cpu())
+    finally:
+        module.train(was_training)
+    if not predicted:
+        raise ConfigError("The test dataloader is empty: the expert's quality cannot be checked.")
+    return expert_quality(torch.cat(predicted), torch.cat(labels))
 
 
 def make_probe(backbone: str, config: dict[str, Any], bank: ExpertBank, *, name: str = "probe", seed: int = 0) -> str:
@@ -111,6 +213,25 @@ def make_probe(backbone: str, config: dict[str, Any], bank: ExpertBank, *, name:
     probe = Expert.from_model(model, name, TaskInfo(name, modality="other"), provenance={"probe_seed": seed})
     bank.add(probe, overwrite=True)
     return name
+
+
+def machine() -> dict[str, Any]:
+    """Where a result was measured: platform, CPU count, accelerator, Python, torch and pituning versions."""
+    import os
+    import platform
+
+    import pituning
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pituning": pituning.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def _loggers(root: Path, name: str) -> list[Any]:
@@ -172,30 +293,77 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     if probe == "random":
         probe = make_probe(cfg.backbone, cfg.expert, bank)
 
-    def embed(name: str, datamodule: Any) -> None:
+    def embed(name: str, datamodule: Any) -> int:
+        """Embed task ``name``; returns how many examples its Fisher saw."""
         module = TaskEmbeddingModule(cfg.backbone, location, name, probe=probe, estimator=cfg.estimator)
         trainer = _trainer(cfg, root, name=f"embed-{name}", inference_mode=False)
         trainer.predict(module, datamodule=datamodule)
+        return module.examples
 
+    if cfg.embed_examples is not None and cfg.embed_examples < 1:
+        raise ConfigError(
+            f"embed_examples must be at least 1 (or null for every training example), got {cfg.embed_examples}."
+        )
+    if cfg.collapsed_sources not in ("warn", "exclude", "error"):
+        raise ConfigError(f"collapsed_sources must be warn, exclude or error, got {cfg.collapsed_sources!r}.")
     done_file = root / "sources.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    quality: dict[str, dict[str, Any]] = {}
     for task in cfg.sources:
         recipe = {
             "backbone": cfg.backbone, "task": asdict(task), "data": cfg.data, "expert": cfg.expert,
             "module": cfg.module, "epochs": cfg.source_epochs, "probe": probe, "estimator": cfg.estimator,
+            "embed_examples": cfg.embed_examples,
         }  # fmt: skip
-        if done.get(task.name) == recipe and task.name in bank and bank.entry(task.name).has_embedding:
+        recipe = json.loads(json.dumps(recipe, default=str))
+        stored = done.get(task.name, {})
+        if (
+            {k: v for k, v in stored.items() if k not in ("quality", "embedded_examples")} == recipe
+            and "quality" in stored
+            and task.name in bank
+            and bank.entry(task.name).has_embedding
+        ):
             say(f"source {task.name}: in the bank already, from the same recipe")
-            continue
-        say(f"source {task.name}: training the expert")
-        pl.seed_everything(0, verbose=False)
-        datamodule = _datamodule(cfg, task)
-        module = ExpertTrainingModule(cfg.backbone, cfg.expert, task.name, location, overwrite=True, **cfg.module)
-        _trainer(cfg, root, name=f"source-{task.name}", max_epochs=cfg.source_epochs).fit(module, datamodule)
-        say(f"source {task.name}: embedding")
-        embed(task.name, datamodule)
-        done[task.name] = json.loads(json.dumps(recipe, default=str))
-        done_file.write_text(json.dumps(done, indent=1, default=str))
+            quality[task.name] = stored["quality"]
+        else:
+            say(f"source {task.name}: training the expert")
+            pl.seed_everything(0, verbose=False)
+            datamodule = _datamodule(cfg, task)
+            module = ExpertTrainingModule(cfg.backbone, cfg.expert, task.name, location, overwrite=True, **cfg.module)
+            _trainer(cfg, root, name=f"source-{task.name}", max_epochs=cfg.source_epochs).fit(module, datamodule)
+            checked = evaluate_quality(module, datamodule.test_dataloader())
+            quality[task.name] = checked.to_dict()
+            say(
+                f"source {task.name}: test accuracy {checked.acc:.4f}, most predicted class on "
+                f"{checked.majority_share:.0%} of the test set (majority class {checked.true_majority_share:.0%})"
+            )
+            trained_on = task.options.get("max_train_examples", cfg.data.get("max_train_examples"))
+            cap = [c for c in (trained_on, cfg.embed_examples) if c is not None]
+            seen = embed(task.name, _datamodule(cfg, task, max_train_examples=min(cap)) if cap else datamodule)
+            say(f"source {task.name}: embedded (Fisher over {seen} examples)")
+            done[task.name] = {**recipe, "quality": quality[task.name], "embedded_examples": seen}
+            done_file.write_text(json.dumps(done, indent=1, default=str))
+        found = quality[task.name]
+        if found["collapsed"]:
+            message = (
+                f"source {task.name} is no better than always predicting its majority class (test accuracy "
+                f"{found['acc']:.4f}, majority class share {found['true_majority_share']:.4f})"
+            )
+            if cfg.collapsed_sources == "error":
+                raise ExpertError(
+                    f"{message}. Train it longer or on more data (source_epochs, data.max_train_examples), or set "
+                    "collapsed_sources: warn or exclude."
+                )
+            say(f"WARNING {message}" + ("; left out of the candidates" if cfg.collapsed_sources == "exclude" else ""))
+            log.warning(message)
+    candidates = [
+        s.name for s in cfg.sources if not (cfg.collapsed_sources == "exclude" and quality[s.name]["collapsed"])
+    ]
+    if cfg.k > len(candidates):
+        raise ConfigError(
+            f"k={cfg.k} but only {len(candidates)} source(s) are usable after excluding collapsed ones; lower k or "
+            "train the sources longer."
+        )
 
     rows: list[dict[str, Any]] = []
     for task in cfg.targets:
@@ -217,7 +385,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                 location,
                 name,
                 k=cfg.k,
-                candidates=[s.name for s in cfg.sources],
+                candidates=candidates,
                 overwrite=True,
                 **options,
             )
@@ -269,7 +437,10 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         say(str(err))
     methods = ["alone", *[b for b in cfg.baselines if rows and b in rows[0]], "pi"]
     results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
         "config": asdict(cfg),
+        "sources": quality,
         "rows": rows,
         "mean": {m: statistics.fmean(r[m] for r in rows) if rows else None for m in methods},
         "graph": files,
@@ -279,6 +450,10 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     titles = {"alone": "expert alone", "best_source_init": "best source as init",
               "uniform_average": "uniform top-k average", "pi": "π-Tuning"}  # fmt: skip
     lines = [
+        "Source experts on their own test sets (collapsed: no better than always predicting the majority class):",
+        "",
+        *quality_table(quality),
+        "",
         "| target | seed | " + " | ".join(titles[m] for m in methods) + " | sources (mean weight) |",
         "| --- | --- |" + " --- |" * (len(methods) + 1),
     ]

