@@ -8,10 +8,12 @@ results), so a suite can be inspected and resumed.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -234,6 +236,22 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _rank_zero() -> bool:
+    """Global rank zero, or a single process. Under DDP's subprocess launcher every rank runs the whole suite; Lightning
+    reads each one's rank from the environment it starts them with."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _rank_zero_first(write: Callable[[], Any]) -> None:
+    """Run a bank write on rank zero only, then hold every rank until it is done (when a process group is up)."""
+    if _rank_zero():
+        write()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def _loggers(root: Path, name: str) -> list[Any]:
     """CSV logs always; TensorBoard too when ``tensorboard`` is installed."""
     import importlib.util
@@ -287,7 +305,8 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     start = time.perf_counter()
 
     def say(text: str) -> None:
-        print(f"[{time.perf_counter() - start:7.1f}s] {text}", flush=True)
+        if _rank_zero():
+            print(f"[{time.perf_counter() - start:7.1f}s] {text}", flush=True)
 
     probe = cfg.probe
     if probe == "random":
@@ -342,7 +361,8 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             seen = embed(task.name, _datamodule(cfg, task, max_train_examples=min(cap)) if cap else datamodule)
             say(f"source {task.name}: embedded (Fisher over {seen} examples)")
             done[task.name] = {**recipe, "quality": quality[task.name], "embedded_examples": seen}
-            done_file.write_text(json.dumps(done, indent=1, default=str))
+            if _rank_zero():  # under DDP every rank runs this loop (Lightning re-runs the command on each)
+                done_file.write_text(json.dumps(done, indent=1, default=str))
         found = quality[task.name]
         if found["collapsed"]:
             message = (
@@ -355,7 +375,8 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                     "collapsed_sources: warn or exclude."
                 )
             say(f"WARNING {message}" + ("; left out of the candidates" if cfg.collapsed_sources == "exclude" else ""))
-            log.warning(message)
+            if _rank_zero():
+                log.warning(message)
     candidates = [
         s.name for s in cfg.sources if not (cfg.collapsed_sources == "exclude" and quality[s.name]["collapsed"])
     ]
@@ -401,7 +422,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                     start_from = ranked[0]
                 elif baseline == "uniform_average":
                     start_from = f"{name}_avg"
-                    bank.average(ranked, name=start_from, overwrite=True)
+                    _rank_zero_first(functools.partial(bank.average, ranked, name=start_from, overwrite=True))
                 else:
                     raise ConfigError(f"Unknown baseline {baseline!r}; use best_source_init or uniform_average.")
                 say(f"target {name}: baseline {baseline} (from {start_from})")
@@ -430,6 +451,8 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     graph = TaskGraph.from_bank(
         bank, [t.name for t in cfg.sources] + [f"{t.name}_s{s}" for t in cfg.targets for s in cfg.seeds]
     )
+    if not _rank_zero():  # the other ranks are done: rank zero writes the graph and the results
+        return {"rows": rows, "sources": quality}
     files = graph.save(root / "graph")
     try:
         files.update(graph.plot(root / "graph"))

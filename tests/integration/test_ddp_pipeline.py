@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,33 @@ def test_train_and_embed_under_ddp(tiny_backbone: str, tasks: dict[str, str], tm
     done = _pituning("interpolate", "--config", str(tmp_path / "interp.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert ExpertBank(bank).get("close_pi").provenance["sources"] == ["close"]
+
+
+def test_run_suite_under_ddp(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+    """``pituning run`` with 2 devices: Lightning re-runs the command on rank 1, which must neither print nor write
+    twice; the Fisher count covers both ranks."""
+    suite = {
+        "backbone": tiny_backbone,
+        "data_class": "pituning.data.TextClassificationDataModule",
+        "data": {"tokenizer": tiny_backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 96},
+        "sources": [{"name": n, "dataset": tasks[n]} for n in ("close", "far1")],
+        "targets": [{"name": "target", "dataset": tasks["target"]}],
+        "expert": {"kind": "lora", "r": 4, "alpha": 8},
+        "k": 2,
+        "shots": 8,
+        "seeds": [1],
+        "output": str(tmp_path / "run"),
+        "source_epochs": 1,
+        "target_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 2,
+    }
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    done = _pituning("run", "--config", str(tmp_path / "suite.yaml"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("source close: training the expert") == 1  # rank zero speaks
+    assert done.stdout.count("baseline uniform_average") == 1
+    assert done.stdout.count("source far1: embedded (Fisher over 96 examples)") == 1  # 48 per rank, summed
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["rows"]) == 1 and set(results["sources"]) == {"close", "far1"}
+    assert {"target_s1_avg", "target_s1_pi", "probe"} <= set(ExpertBank(tmp_path / "run" / "bank").names())

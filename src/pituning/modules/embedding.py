@@ -24,6 +24,8 @@ class FisherMetric(Metric):
         super().__init__()
         self.add_state("total", default=torch.zeros(size, dtype=torch.float32), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.seen = 0
+        """Examples over every rank, as of the last :meth:`compute`."""
 
     total: Tensor
     count: Tensor
@@ -36,6 +38,7 @@ class FisherMetric(Metric):
     def compute(self) -> Tensor:
         if self.count == 0:
             raise FisherError("The Fisher saw no examples; the training split is empty.")
+        self.seen = int(self.count.item())  # the states are reduced across ranks here (and restored afterwards)
         return self.total.float() / self.count.float()
 
 
@@ -136,7 +139,7 @@ class TaskEmbeddingModule(StageModule):
             offset += param.numel()
         self.skipped = check_fisher(embedding, self.hp.expert_name)
         self.embedding = embedding
-        self.examples = int(self.fisher.count)
+        self.examples = self.fisher.seen  # over every rank
         if self.trainer.is_global_zero:
             ExpertBank(self.hp.bank).set_embedding(self.hp.expert_name, embedding)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
