@@ -136,3 +136,25 @@ def task_keywords(index: int) -> tuple[list[str], list[str]]:
     """The keywords of domain ``index``: two per label."""
     words = domain(index)
     return words[:2], words[2:4]
+
+
+def tiny_suite(backbone: str, tasks: dict[str, str], output: Path, **fields: Any) -> dict[str, Any]:
+    """A ``pituning run`` suite on the tiny BERT: sources ``close`` and ``far1``, the ``target`` at 8 shots per class,
+    one seed (1: the module and DataModule seeds then differ, and their hparams must not clash), CPU; ``fields``
+    override any of it."""
+    suite: dict[str, Any] = {
+        "backbone": backbone,
+        "data_class": "pituning.data.TextClassificationDataModule",
+        "data": {"tokenizer": backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 96},
+        "sources": [{"name": n, "dataset": tasks[n]} for n in ("close", "far1")],
+        "targets": [{"name": "target", "dataset": tasks["target"]}],
+        "expert": {"kind": "lora", "r": 4, "alpha": 8},
+        "k": 2,
+        "shots": 8,
+        "seeds": [1],
+        "output": str(output),
+        "source_epochs": 1,
+        "target_epochs": 1,
+        "accelerator": "cpu",
+    }
+    return {**suite, **fields}

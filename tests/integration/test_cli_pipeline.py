@@ -10,6 +10,7 @@ import yaml
 
 from pituning import ExpertBank
 from pituning.cli import build_parser, main
+from tiny import tiny_suite
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -87,29 +88,10 @@ def test_unknown_option_is_a_usage_error(tiny_backbone: str, tmp_path: Path) -> 
 def test_run_suite(
     tiny_backbone: str, tasks: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    suite = {
-        "backbone": tiny_backbone,
-        "data_class": "pituning.data.TextClassificationDataModule",
-        "data": {
-            "tokenizer": tiny_backbone,
-            "max_length": 16,
-            "batch_size": 16,
-            "max_train_examples": 96,
-            "max_eval_examples": 100,
-        },
-        "sources": [{"name": n, "dataset": tasks[n]} for n in ("close", "far1")],
-        "targets": [{"name": "target", "dataset": tasks["target"]}],
-        "expert": {"kind": "lora", "r": 4, "alpha": 8},
-        "k": 2,
-        "shots": 8,
-        "seeds": [1],  # not 0: module and DataModule seeds differ (their hparams must not clash)
-        "output": str(tmp_path / "run"),
-        "module": {"lr": 0.01},
-        "source_epochs": 2,
-        "target_epochs": 2,
-        "embed_examples": 40,
-        "accelerator": "cpu",
-    }
+    data = {"tokenizer": tiny_backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 96,
+            "max_eval_examples": 100}  # fmt: skip
+    suite = tiny_suite(tiny_backbone, tasks, tmp_path / "run", data=data, module={"lr": 0.01}, source_epochs=2,
+                       target_epochs=2, embed_examples=40)  # fmt: skip
     assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
     recipes = json.loads((tmp_path / "run" / "sources.json").read_text())
     assert {r["embedded_examples"] for r in recipes.values()} == {40}  # not the 96 the experts trained on
@@ -150,23 +132,9 @@ def test_run_suite_collapsed_sources(
         return pituning.suite.ExpertQuality(share, 1.0, share)
 
     monkeypatch.setattr(pituning.suite, "evaluate_quality", far1_collapses)
-    suite = {
-        "backbone": tiny_backbone,
-        "data_class": "pituning.data.TextClassificationDataModule",
-        "data": {"tokenizer": tiny_backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 48},
-        "sources": [{"name": n, "dataset": tasks[n]} for n in ("close", "far1")],
-        "targets": [{"name": "target", "dataset": tasks["target"]}],
-        "expert": {"kind": "lora", "r": 4, "alpha": 8},
-        "k": 1,
-        "shots": 4,
-        "seeds": [1],
-        "output": str(tmp_path / "run"),
-        "source_epochs": 1,
-        "target_epochs": 1,
-        "baselines": [],
-        "accelerator": "cpu",
-        "collapsed_sources": "exclude",
-    }
+    data = {"tokenizer": tiny_backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 48}
+    suite = tiny_suite(tiny_backbone, tasks, tmp_path / "run", data=data, k=1, shots=4, baselines=[],
+                       collapsed_sources="exclude")  # fmt: skip
     assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
     out = capsys.readouterr().out
     assert "WARNING source far1 is no better than always predicting its majority class" in out

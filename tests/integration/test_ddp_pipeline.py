@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from pituning import ExpertBank
+from tiny import tiny_suite
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -77,22 +78,7 @@ def test_train_and_embed_under_ddp(tiny_backbone: str, tasks: dict[str, str], tm
 def test_run_suite_under_ddp(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
     """``pituning run`` with 2 devices: Lightning re-runs the command on rank 1, which must neither print nor write
     twice; the Fisher count covers both ranks."""
-    suite = {
-        "backbone": tiny_backbone,
-        "data_class": "pituning.data.TextClassificationDataModule",
-        "data": {"tokenizer": tiny_backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 96},
-        "sources": [{"name": n, "dataset": tasks[n]} for n in ("close", "far1")],
-        "targets": [{"name": "target", "dataset": tasks["target"]}],
-        "expert": {"kind": "lora", "r": 4, "alpha": 8},
-        "k": 2,
-        "shots": 8,
-        "seeds": [1],
-        "output": str(tmp_path / "run"),
-        "source_epochs": 1,
-        "target_epochs": 1,
-        "accelerator": "cpu",
-        "devices": 2,
-    }
+    suite = tiny_suite(tiny_backbone, tasks, tmp_path / "run", devices=2)
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
     done = _pituning("run", "--config", str(tmp_path / "suite.yaml"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
