@@ -172,14 +172,22 @@ def quality_table(quality: dict[str, dict[str, Any]]) -> list[str]:
 
 def evaluate_quality(module: Any, dataloader: Any) -> ExpertQuality:
     """:func:`expert_quality` of a trained :class:`~pituning.modules.ExpertTrainingModule` over ``dataloader`` (its
-    task's test set), on the module's device, in eval mode (restored afterwards)."""
+    task's test set), on the module's device, in eval mode (restored afterwards). When the module was fit by a
+    Trainer, its precision applies as in ``Trainer.test`` (``bf16-true`` inputs are cast, ``bf16-mixed`` autocasts)."""
+    import contextlib
+
+    trainer = getattr(module, "_trainer", None)
+    plugin = getattr(trainer, "precision_plugin", None)
+    context = plugin.test_step_context() if plugin is not None else contextlib.nullcontext()
     was_training = module.training
     module.eval()
     predicted, labels = [], []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), context:
             for batch in dataloader:
                 batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                if plugin is not None:
+                    batch = plugin.convert_input(batch)
                 predicted.append(module.predict_classes(batch).cpu())
                 labels.append(module.class_labels(batch).cpu())
     finally:

@@ -14,6 +14,7 @@ from families import EfficientNet
 from pituning import ExpertBank
 from pituning.data import ImageClassificationDataModule, VisionLanguageDataModule
 from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
+from pituning.suite import evaluate_quality
 from tiny import text_data, tiny_model_dir, trainer
 
 
@@ -213,3 +214,45 @@ def test_unseen_classes_take_no_part_in_the_training_loss(
     batch = next(iter(data.test_dataloader()))
     logits = module(**{k: v for k, v in batch.items() if k != "labels"})
     assert logits.shape[1] == 4 and torch.isfinite(logits).all()  # tested against every caption
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_source_check_follows_the_trainers_precision(tmp_path: Path, tiny_efficientnet: None, precision: str) -> None:
+    """``evaluate_quality`` after a fit agrees with ``Trainer.test``; under ``bf16-true`` it casts the images as the
+    Trainer does (a plain CNN does not cast its input to its weights' dtype)."""
+    npz = _class_images(tmp_path / "x.npz", ["red", "green", "blue"])
+    data = ImageClassificationDataModule(str(npz), "colours", image_size=16, batch_size=8)
+    module = ExpertTrainingModule("efficientnet-lite0", {"kind": "adapter", "bottleneck": 4}, "colours", lr=1e-2)
+    fit = trainer(max_epochs=2, precision=precision)
+    fit.fit(module, data)
+    tested = fit.test(module, data, verbose=False)[0]["test_acc"]
+    checked = evaluate_quality(module, data.test_dataloader())
+    assert checked.acc == pytest.approx(tested)
+    assert checked.true_majority_share == pytest.approx(1 / 3, abs=0.1)
+
+
+def test_vision_pipeline_under_bf16_true(tmp_path: Path, tiny_efficientnet: None) -> None:
+    """Every stage on a plain CNN in ``bf16-true``: the batches pituning reads itself (the few-shot-loss ranking, the
+    held-out slice of the interpolation logits) are cast like the Trainer's own."""
+    npz = str(_class_images(tmp_path / "x.npz", ["red", "green", "blue", "white"], n=80))
+    bank = str(tmp_path / "bank")
+    bf16 = {"precision": "bf16-true"}
+    for name, classes in {"rg": ["red", "green"], "bw": ["blue", "white"]}.items():
+        data = ImageClassificationDataModule(npz, name, classes=classes, image_size=16, batch_size=8)
+        module = ExpertTrainingModule("efficientnet-lite0", {"kind": "adapter", "bottleneck": 4}, name, bank, lr=1e-2)
+        trainer(max_epochs=1, **bf16).fit(module, data)
+        embed = TaskEmbeddingModule("efficientnet-lite0", bank, name)
+        trainer(inference_mode=False, **bf16).predict(embed, datamodule=data)
+    target = ImageClassificationDataModule(
+        npz, "target", classes=["red", "blue"], image_size=16, batch_size=4, shots_per_class=6, holdout_shots=2
+    )
+    alone = ExpertTrainingModule("efficientnet-lite0", {"kind": "adapter", "bottleneck": 4}, "target", bank, lr=1e-2)
+    trainer(max_epochs=1, **bf16).fit(alone, target)
+    module = InterpolationModule(
+        "efficientnet-lite0", bank, "target", k=1, candidates=["rg", "bw"], predictor="few_shot_loss",
+        logits_data="holdout", lr=1e-2,
+    )  # fmt: skip
+    fit = trainer(max_epochs=2, **bf16)
+    fit.fit(module, target)
+    assert len(module.selected) == 1
+    assert 0.0 <= fit.test(module, target, verbose=False)[0]["test_acc"] <= 1.0

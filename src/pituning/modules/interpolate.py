@@ -318,7 +318,10 @@ class InterpolationModule(ExpertTrainingModule):
         except StopIteration:
             self._holdout = None
             return self._holdout_batch()
-        return {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        # read outside the Trainer's loop: cast as the Trainer casts its own batches (bf16-true: float inputs to bf16)
+        converted: dict[str, Tensor] = self.trainer.precision_plugin.convert_input(batch)
+        return converted
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.opts["logits_data"] == "holdout":
