@@ -169,6 +169,8 @@ class TaskModel(nn.Module):
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """Pooled image features ``(N, d)`` (a dual encoder's: its image tower's)."""
         bb, family = self._tower("image")
+        # a bf16 backbone (backbone_dtype="bfloat16") takes bf16 pixels: a plain CNN does not cast its input itself
+        pixel_values = pixel_values.to(_storage_dtype(bb))
         if family == "efficientnet":
             return bb.extract_features(pixel_values).mean(dim=(2, 3))
         if family == "clip":
@@ -287,6 +289,15 @@ class DualHead(nn.Module):
             return logits
         assert self.logit_scale is not None
         return x * self.logit_scale.exp()
+
+
+def _storage_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype holding most of ``module``'s parameters: the frozen backbone's, not its (fp32) experts'."""
+    sizes: dict[torch.dtype, int] = {}
+    for param in module.parameters():
+        if param.is_floating_point():
+            sizes[param.dtype] = sizes.get(param.dtype, 0) + param.numel()
+    return max(sizes, key=lambda dtype: sizes[dtype]) if sizes else torch.float32
 
 
 def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -231,28 +231,35 @@ def test_source_check_follows_the_trainers_precision(tmp_path: Path, tiny_effici
     assert checked.true_majority_share == pytest.approx(1 / 3, abs=0.1)
 
 
-def test_vision_pipeline_under_bf16_true(tmp_path: Path, tiny_efficientnet: None) -> None:
-    """Every stage on a plain CNN in ``bf16-true``: the batches pituning reads itself (the few-shot-loss ranking, the
-    held-out slice of the interpolation logits) are cast like the Trainer's own."""
+@pytest.mark.parametrize("setting", ["bf16-true", "bf16 backbone"])
+def test_vision_pipeline_in_bf16(tmp_path: Path, tiny_efficientnet: None, setting: str) -> None:
+    """Every stage on a plain CNN in bf16: ``bf16-true`` (the batches pituning reads itself, for the few-shot-loss
+    ranking and the held-out slice of the interpolation logits, are cast like the Trainer's own), and a bf16 frozen
+    backbone under ``32-true`` (``backbone_dtype="bfloat16"``: fp32 pixels meet bf16 convolutions)."""
     npz = str(_class_images(tmp_path / "x.npz", ["red", "green", "blue", "white"], n=80))
     bank = str(tmp_path / "bank")
-    bf16 = {"precision": "bf16-true"}
+    fit_options = {"precision": "bf16-true"} if setting == "bf16-true" else {}
+    dtype = {"backbone_dtype": "bfloat16"} if setting == "bf16 backbone" else {}
+    adapter = {"kind": "adapter", "bottleneck": 4}
     for name, classes in {"rg": ["red", "green"], "bw": ["blue", "white"]}.items():
         data = ImageClassificationDataModule(npz, name, classes=classes, image_size=16, batch_size=8)
-        module = ExpertTrainingModule("efficientnet-lite0", {"kind": "adapter", "bottleneck": 4}, name, bank, lr=1e-2)
-        trainer(max_epochs=1, **bf16).fit(module, data)
-        embed = TaskEmbeddingModule("efficientnet-lite0", bank, name)
-        trainer(inference_mode=False, **bf16).predict(embed, datamodule=data)
+        module = ExpertTrainingModule("efficientnet-lite0", adapter, name, bank, lr=1e-2, **dtype)
+        trainer(max_epochs=1, **fit_options).fit(module, data)
+        embed = TaskEmbeddingModule("efficientnet-lite0", bank, name, **dtype)
+        trainer(inference_mode=False, **fit_options).predict(embed, datamodule=data)
+        assert embed.embedding is not None and all(v.dtype == torch.float32 for v in embed.embedding.values())
     target = ImageClassificationDataModule(
         npz, "target", classes=["red", "blue"], image_size=16, batch_size=4, shots_per_class=6, holdout_shots=2
     )
-    alone = ExpertTrainingModule("efficientnet-lite0", {"kind": "adapter", "bottleneck": 4}, "target", bank, lr=1e-2)
-    trainer(max_epochs=1, **bf16).fit(alone, target)
+    alone = ExpertTrainingModule("efficientnet-lite0", adapter, "target", bank, lr=1e-2, **dtype)
+    trainer(max_epochs=1, **fit_options).fit(alone, target)
+    checked = evaluate_quality(alone, target.test_dataloader())
+    assert 0.0 <= checked.acc <= 1.0
     module = InterpolationModule(
         "efficientnet-lite0", bank, "target", k=1, candidates=["rg", "bw"], predictor="few_shot_loss",
-        logits_data="holdout", lr=1e-2,
+        logits_data="holdout", lr=1e-2, **dtype,
     )  # fmt: skip
-    fit = trainer(max_epochs=2, **bf16)
+    fit = trainer(max_epochs=2, **fit_options)
     fit.fit(module, target)
     assert len(module.selected) == 1
     assert 0.0 <= fit.test(module, target, verbose=False)[0]["test_acc"] <= 1.0
