@@ -182,3 +182,27 @@ def test_dual_targets_both_towers_and_prefixes_the_text_tower_only() -> None:
     assert len([t for t in adapter if t.startswith("text.")]) == 4  # attention and FFN outputs of 2 layers
     prefix = model.add_expert("p", KINDS["prefix"])
     assert prefix == ["text.encoder.layer.0.attention.self", "text.encoder.layer.1.attention.self"]
+
+
+@pytest.mark.parametrize(("fam", "kind"), CASES)
+def test_bf16_backbone_with_fp32_experts(fam: str, kind: str) -> None:
+    """``backbone_dtype="bfloat16"``: the frozen backbone stored and computed in bf16, the experts fp32 (their weights,
+    gradients and optimizer state), within ~bf16 rounding of the fp32 model."""
+    family = FAMILIES[fam]
+    model, inputs = _model(family), _inputs(family)
+    model.add_expert("a", KINDS[kind])
+    _randomize(model, "a", 4)
+    reference = _out(family, model, inputs).float()
+    model.backbone.to(torch.bfloat16)
+    for param in model.expert_parameters("a").values():
+        param.data = param.data.float()
+    assert all(p.dtype == torch.float32 for p in model.expert_parameters("a").values())
+    pixels = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}  # as TaskModel does
+    model.set_trainable(["a"])
+    out = family.output(model, pixels)
+    assert torch.isfinite(out.float()).all()
+    scale = reference.abs().max().item() + 1.0
+    assert (out.float() - reference).abs().max().item() <= 0.1 * scale
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.expert_parameters("a").values()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
