@@ -29,6 +29,7 @@ __all__ = [
     "TaskSpec",
     "evaluate_quality",
     "expert_quality",
+    "machine",
     "make_probe",
     "quality_table",
     "run_suite",
@@ -176,7 +177,10 @@ def evaluate_quality(module: Any, dataloader: Any) -> ExpertQuality:
     Trainer, its precision applies as in ``Trainer.test`` (``bf16-true`` inputs are cast, ``bf16-mixed`` autocasts)."""
     import contextlib
 
-    trainer = getattr(module, "_trainer", None)
+    try:
+        trainer = module.trainer
+    except (AttributeError, RuntimeError):  # a plain module, or one no Trainer fit
+        trainer = None
     plugin = getattr(trainer, "precision_plugin", None)
     context = plugin.test_step_context() if plugin is not None else contextlib.nullcontext()
     was_training = module.training
