@@ -10,7 +10,7 @@ import torch
 import pituning.backbones
 from pituning import ExpertBank
 from pituning.errors import ConfigError
-from pituning.suite import evaluate_quality, expert_quality, make_probe
+from pituning.suite import evaluate_quality, expert_quality, make_probe, paired_difference
 
 
 def test_make_probe_reuses_a_matching_probe_and_replaces_a_stale_one(
@@ -61,3 +61,11 @@ def test_evaluate_quality_uses_the_modules_predictions_and_restores_its_mode() -
     assert module.training
     with pytest.raises(ConfigError, match="empty"):
         evaluate_quality(module, [])
+
+
+def test_paired_difference_needs_pairs() -> None:
+    assert paired_difference([0.5], [0.25]) == {"mean": 25.0, "std": 0.0, "wins": 1, "n": 1}
+    with pytest.raises(ConfigError, match="equally long"):
+        paired_difference([0.5, 0.6], [0.5])
+    with pytest.raises(ConfigError, match="non-empty"):
+        paired_difference([], [])

@@ -31,6 +31,7 @@ __all__ = [
     "expert_quality",
     "machine",
     "make_probe",
+    "paired_difference",
     "quality_table",
     "run_suite",
 ]
@@ -227,6 +228,21 @@ def make_probe(backbone: str, config: dict[str, Any], bank: ExpertBank, *, name:
     probe = Expert.from_model(model, name, TaskInfo(name, modality="other"), provenance={"probe_seed": seed})
     bank.add(probe, overwrite=True)
     return name
+
+
+def paired_difference(ours: list[float], theirs: list[float]) -> dict[str, Any]:
+    """Paired difference ``ours - theirs`` in points (accuracy x 100): mean, sample std (0 for one pair), how many
+    pairs ``ours`` wins, and ``n``.
+
+    >>> d = paired_difference([0.75, 0.625], [0.5, 0.625])
+    >>> d["mean"], round(d["std"], 2), d["wins"], d["n"]
+    (12.5, 17.68, 1, 2)
+    """
+    if len(ours) != len(theirs) or not ours:
+        raise ConfigError(f"Paired results need two equally long, non-empty lists; got {len(ours)} and {len(theirs)}.")
+    diffs = [100.0 * (a - b) for a, b in zip(ours, theirs, strict=True)]
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"mean": statistics.fmean(diffs), "std": std, "wins": sum(d > 0 for d in diffs), "n": len(diffs)}
 
 
 def machine() -> dict[str, Any]:
@@ -478,6 +494,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         "sources": quality,
         "rows": rows,
         "mean": {m: statistics.fmean(r[m] for r in rows) if rows else None for m in methods},
+        "paired": {m: paired_difference([r["pi"] for r in rows], [r[m] for r in rows]) for m in methods if m != "pi"},
         "graph": files,
         "seconds": time.perf_counter() - start,
     }
@@ -499,6 +516,9 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         )
     if rows:
         lines.append("| **mean** | | " + " | ".join(f"{results['mean'][m]:.4f}" for m in methods) + " | |")
+        lines += ["", "π-Tuning minus each method, paired over the same target, seed, shots and epochs (points):", ""]
+        for m, d in results["paired"].items():
+            lines.append(f"- {titles[m]}: {d['mean']:+.2f} ± {d['std']:.2f} (π ahead in {d['wins']} of {d['n']})")
     (root / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     say(f"done: bank, graph and results in {root.resolve()}")

@@ -100,6 +100,10 @@ def test_run_suite(
     assert results["machine"]["torch"] and results["date"].startswith("20")  # where and when it was measured
     assert "| target | 1 |" in (tmp_path / "run" / "results.md").read_text()
     assert {"alone", "best_source_init", "uniform_average", "pi"} <= set(results["mean"])
+    paired = results["paired"]["alone"]  # π minus the expert alone, in points, over the one run
+    mean = results["mean"]
+    assert paired["n"] == 1 and paired["mean"] == pytest.approx(100 * (mean["pi"] - mean["alone"]))
+    assert "π-Tuning minus each method, paired" in (tmp_path / "run" / "results.md").read_text()
     # every source is checked on its own test set right after training, and the check is reported
     assert set(results["sources"]) == {"close", "far1"}
     for q in results["sources"].values():
