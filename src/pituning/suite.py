@@ -415,9 +415,23 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         )
 
     rows: list[dict[str, Any]] = []
+    runs_file = root / "runs.json"
+    runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
     for task in cfg.targets:
         for seed in cfg.seeds:
             name = f"{task.name}_s{seed}"
+            # everything a target's row depends on, the sources it may draw from included
+            run_recipe = {
+                "task": asdict(task), "seed": seed, "shots": cfg.shots, "data": cfg.data, "expert": cfg.expert,
+                "module": cfg.module, "interpolation": cfg.interpolation, "epochs": cfg.target_epochs, "k": cfg.k,
+                "baselines": cfg.baselines, "precision": cfg.precision, "probe": probe, "estimator": cfg.estimator,
+                "sources": {c: done.get(c) for c in candidates},
+            }  # fmt: skip
+            run_recipe = json.loads(json.dumps(run_recipe, default=str))
+            if runs.get(name, {}).get("recipe") == run_recipe and f"{name}_pi" in bank:
+                say(f"target {name}: measured already, from the same recipe")
+                rows.append(runs[name]["row"])
+                continue
             datamodule = _datamodule(cfg, task, shots_per_class=cfg.shots, seed=seed)
             say(f"target {name}: expert alone ({cfg.shots} shots per class)")
             pl.seed_everything(seed, verbose=False)
@@ -475,6 +489,9 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                 }
             )
             say(f"target {name}: alone {alone_acc:.4f}, π-Tuning {pi_acc:.4f}")
+            runs[name] = {"recipe": run_recipe, "row": json.loads(json.dumps(rows[-1], default=str))}
+            if _rank_zero():  # a rerun (after a crash, or with more seeds) skips the targets measured already
+                runs_file.write_text(json.dumps(runs, indent=1, default=str))
 
     graph = TaskGraph.from_bank(
         bank, [t.name for t in cfg.sources] + [f"{t.name}_s{s}" for t in cfg.targets for s in cfg.seeds]

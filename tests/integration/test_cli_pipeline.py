@@ -110,10 +110,17 @@ def test_run_suite(
         assert 0.0 <= q["acc"] <= 1.0 and q["true_majority_share"] >= 1 / 3 and isinstance(q["collapsed"], bool)
     assert "| source | accuracy |" in (tmp_path / "run" / "results.md").read_text()
     assert "done: bank, graph and results in" in capsys.readouterr().out
-    # a second run reuses the sources trained from the same recipe, and their check
+    # a second run reuses the sources trained from the same recipe, their check, and the targets measured already
     assert main(["run", "--config", str(tmp_path / "suite.yaml")]) == 0
-    assert capsys.readouterr().out.count("in the bank already, from the same recipe") == 2
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["sources"] == results["sources"]
+    out = capsys.readouterr().out
+    assert out.count("in the bank already, from the same recipe") == 2
+    assert "target target_s1: measured already, from the same recipe" in out and ": expert alone (" not in out
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert again["sources"] == results["sources"] and again["rows"] == json.loads(json.dumps(results["rows"]))
+    # another target setting measures the target again (the sources stay)
+    assert main(["run", "--config", _yaml(tmp_path / "e3.yaml", {**suite, "target_epochs": 1})]) == 0
+    out = capsys.readouterr().out
+    assert out.count("in the bank already, from the same recipe") == 2 and "target target_s1: expert alone" in out
     assert main(["run", "--config", _yaml(tmp_path / "k.yaml", {**suite, "k": 5})]) == 2
 
 
