@@ -511,7 +511,9 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         "sources": quality,
         "rows": rows,
         "mean": {m: statistics.fmean(r[m] for r in rows) if rows else None for m in methods},
-        "paired": {m: paired_difference([r["pi"] for r in rows], [r[m] for r in rows]) for m in methods if m != "pi"},
+        "paired": {
+            m: paired_difference([r["pi"] for r in rows], [r[m] for r in rows]) for m in methods if m != "pi" and rows
+        },
         "graph": files,
         "seconds": time.perf_counter() - start,
     }

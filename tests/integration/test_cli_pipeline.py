@@ -175,3 +175,12 @@ def test_every_shipped_config_parses(path: Path) -> None:
     else:
         cfg = build_parser().parse_args(["run", "--config", str(path)])
         assert cfg.run.backbone and cfg.run.sources
+
+
+def test_run_suite_of_sources_only(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+    """No targets: the suite builds the bank of checked, embedded source experts and their graph."""
+    suite = tiny_suite(tiny_backbone, tasks, tmp_path / "run", targets=[], k=1)
+    assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["rows"] == [] and results["paired"] == {} and set(results["sources"]) == {"close", "far1"}
+    assert set(json.loads((tmp_path / "run" / "graph" / "graph.json").read_text())["names"]) == {"close", "far1"}
