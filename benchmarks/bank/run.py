@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-import pituning
 from pituning import LoraConfig
 from pituning.backbones import Fingerprint
 from pituning.bank import BackboneIdentity, Expert, ExpertBank, TaskInfo
+from pituning.suite import machine
 
 MODULES = [f"layers.{i}.attn.q" for i in range(4)]
 BACKBONE = BackboneIdentity("bench-backbone", "bench", Fingerprint("a" * 64, "b" * 64, 1_000_000))
@@ -86,17 +85,6 @@ def bench(size: int, root: Path) -> dict[str, object]:
     out["topk_new_handle_persisted_cache"] = timed(lambda: ExpertBank(location).similar(names[0], k=5), 5)
     out["topk_result"] = fresh.similar(names[0], k=5)
     return out
-
-
-def machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pituning": pituning.__version__,
-    }
 
 
 def write_markdown(results: dict[str, object], path: Path) -> None:

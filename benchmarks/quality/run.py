@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -673,18 +671,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -694,7 +680,7 @@ def report(
 ) -> dict[str, Any]:
     """Mean ± std per target and per suite, paired differences of every π variant against every baseline; the
     source experts' own quality (``sources``: the runner's ``sources.json``)."""
-    from pituning.suite import quality_table
+    from pituning.suite import machine, quality_table
 
     summary: dict[str, Any] = {"suite": suite.name, "command": command, "machine": machine(), "notes": suite.notes,
                                "date": datetime.date.today().isoformat(), "regimes": {}}  # fmt: skip
@@ -802,6 +788,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path) -> dict[str, Any]:
     """Spearman correlation of each predictor with each transfer measure, and top-3 hit rates, per target/seed."""
+    from pituning.suite import machine
+
     measures = ["fine_tuned", "zero_shot"]
     per: dict[str, Any] = {}
     constant: set[str] = set()  # (run, measure) where every source transfers equally: no ranking to predict

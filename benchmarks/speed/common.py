@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import pituning
 from pituning import ExpertModel, LoraConfig
 from pituning.backbones import Backbone, load_backbone
 from pituning.heads import additive_mask
@@ -233,31 +229,17 @@ def summarize(
     return out
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        if found:
-            return found.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, Any]:
-    """The machine and software the numbers were measured with."""
+    """The machine and software the numbers were measured with (``pituning.suite.machine`` and the speed settings)."""
     import transformers
 
+    from pituning.suite import machine as describe
+
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
+        **describe(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "pituning": pituning.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     try:

@@ -246,7 +246,8 @@ def paired_difference(ours: list[float], theirs: list[float]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    """Where a result was measured: platform, CPU count, accelerator, Python, torch and pituning versions."""
+    """Where a result was measured: platform, CPU model and count, GPU (when there is one), Python, torch and pituning
+    versions."""
     import os
     import platform
 
@@ -254,6 +255,7 @@ def machine() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
+        "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -262,6 +264,20 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    import platform
+    import re
+
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if found:
+            return found.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _rank_zero() -> bool:
