@@ -10,7 +10,15 @@ import torch
 import pituning.backbones
 from pituning import ExpertBank
 from pituning.errors import ConfigError
-from pituning.suite import evaluate_quality, expert_quality, make_probe, paired_difference
+from pituning.suite import (
+    SuiteConfig,
+    TaskSpec,
+    evaluate_quality,
+    expert_quality,
+    make_probe,
+    paired_difference,
+    run_suite,
+)
 
 
 def test_make_probe_reuses_a_matching_probe_and_replaces_a_stale_one(
@@ -69,3 +77,15 @@ def test_paired_difference_needs_pairs() -> None:
         paired_difference([0.5, 0.6], [0.5])
     with pytest.raises(ConfigError, match="non-empty"):
         paired_difference([], [])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("embed_examples", 0, "embed_examples must be at least 1"), ("collapsed_sources", "ignore", "warn, exclude or")],
+)
+def test_run_suite_checks_its_config_before_any_work(tmp_path: Path, field: str, value: object, message: str) -> None:
+    sources = [TaskSpec("a", "a.jsonl")]
+    cfg = SuiteConfig("no-such-backbone", "x.Y", sources, [], k=1, output=str(tmp_path / "run"), **{field: value})
+    with pytest.raises(ConfigError, match=message):
+        run_suite(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written, no backbone loaded

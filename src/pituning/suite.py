@@ -342,6 +342,12 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
 
     if cfg.k > len(cfg.sources):
         raise ConfigError(f"k={cfg.k} but the suite has only {len(cfg.sources)} source task(s); lower k.")
+    if cfg.embed_examples is not None and cfg.embed_examples < 1:
+        raise ConfigError(
+            f"embed_examples must be at least 1 (or null for every training example), got {cfg.embed_examples}."
+        )
+    if cfg.collapsed_sources not in ("warn", "exclude", "error"):
+        raise ConfigError(f"collapsed_sources must be warn, exclude or error, got {cfg.collapsed_sources!r}.")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     bank = ExpertBank(root / "bank")
@@ -363,12 +369,6 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         trainer.predict(module, datamodule=datamodule)
         return module.examples
 
-    if cfg.embed_examples is not None and cfg.embed_examples < 1:
-        raise ConfigError(
-            f"embed_examples must be at least 1 (or null for every training example), got {cfg.embed_examples}."
-        )
-    if cfg.collapsed_sources not in ("warn", "exclude", "error"):
-        raise ConfigError(f"collapsed_sources must be warn, exclude or error, got {cfg.collapsed_sources!r}.")
     done_file = root / "sources.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     quality: dict[str, dict[str, Any]] = {}
