@@ -617,10 +617,7 @@ class ExpertBank:
                         f"Cannot average the parameters of {first.name!r} and {other.name!r}: their configs or shapes "
                         "differ (for LoRA of different ranks use lora='delta')."
                     )
-            state = {
-                k: sum((float(w[i]) * e.state[k].double() for i, e in enumerate(experts)), torch.zeros(())).float()
-                for k in first.state
-            }
+            state = _weighted_sum([e.state for e in experts], [float(x) for x in w])
         head = average_heads([e.head for e in experts], [float(x) for x in w])
         averaged = Expert(
             name=name,
@@ -880,9 +877,14 @@ def average_heads(heads: Sequence[Mapping[str, Tensor] | None], weights: Sequenc
     shapes = [{k: v.shape for k, v in h.items()} for h in present]
     if any(shape != shapes[0] for shape in shapes):
         return None
+    return _weighted_sum(present, weights)
+
+
+def _weighted_sum(tensors: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """``sum_i weights[i] * tensors[i][k]`` for every key of the first mapping, accumulated in fp64, returned fp32."""
     return {
-        k: sum((float(w) * h[k].double() for w, h in zip(weights, present, strict=True)), torch.zeros(())).float()
-        for k in shapes[0]
+        k: sum((float(w) * t[k].double() for w, t in zip(weights, tensors, strict=True)), torch.zeros(())).float()
+        for k in tensors[0]
     }
 
 
