@@ -280,6 +280,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths strings), so a stored recipe compares equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _rank_zero() -> bool:
     """Global rank zero, or a single process. Under DDP's subprocess launcher every rank runs the whole suite; Lightning
     reads each one's rank from the environment it starts them with."""
@@ -378,7 +383,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             "module": cfg.module, "epochs": cfg.source_epochs, "probe": probe, "estimator": cfg.estimator,
             "embed_examples": cfg.embed_examples,
         }  # fmt: skip
-        recipe = json.loads(json.dumps(recipe, default=str))
+        recipe = _plain(recipe)
         stored = done.get(task.name, {})
         if (
             {k: v for k, v in stored.items() if k not in ("quality", "embedded_examples")} == recipe
@@ -443,7 +448,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                 "baselines": cfg.baselines, "precision": cfg.precision, "probe": probe, "estimator": cfg.estimator,
                 "sources": {c: done.get(c) for c in candidates},
             }  # fmt: skip
-            run_recipe = json.loads(json.dumps(run_recipe, default=str))
+            run_recipe = _plain(run_recipe)
             if runs.get(name, {}).get("recipe") == run_recipe and f"{name}_pi" in bank:
                 say(f"target {name}: measured already, from the same recipe")
                 rows.append(runs[name]["row"])
@@ -505,7 +510,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                 }
             )
             say(f"target {name}: alone {alone_acc:.4f}, π-Tuning {pi_acc:.4f}")
-            runs[name] = {"recipe": run_recipe, "row": json.loads(json.dumps(rows[-1], default=str))}
+            runs[name] = {"recipe": run_recipe, "row": _plain(rows[-1])}
             if _rank_zero():  # a rerun (after a crash, or with more seeds) skips the targets measured already
                 runs_file.write_text(json.dumps(runs, indent=1, default=str))
 
