@@ -56,7 +56,7 @@ def test_format_on_disk(tmp_path: Path) -> None:
         "weights.safetensors",
     ]
     meta = json.loads((folder / "expert.json").read_text())
-    assert meta["kind"] == "lora" and meta["config"]["r"] == 2 and meta["schema"] == 1
+    assert meta["kind"] == "lora" and meta["config"]["r"] == 2 and meta["schema"] == 2
     assert meta["library"].startswith("pituning ")
     assert meta["backbone"]["source"] == "config:bert" and len(meta["backbone"]["weights"]) == 64
     assert meta["backbone"]["num_parameters"] == sum(p.numel() for p in model.backbone.parameters() if p.ndim) - sum(
@@ -280,8 +280,11 @@ def test_uncommitted_journal_tail_and_orphans_are_ignored(tmp_path: Path) -> Non
     fresh = ExpertBank(tmp_path / "bank")
     assert fresh.names() == ["a"]
     problems, warnings = fresh.verify()
-    assert problems == [] and len(warnings) == 1 and "ghost--123" in warnings[0]
+    assert problems == [] and len(warnings) == 2
+    assert "interrupted write (never committed)" in warnings[0] and "ghost--123" in warnings[1]
     assert fresh.gc() == ["experts/ghost--123"]
+    fresh.add(tiny_expert("b", 1))  # the torn tail is cut off, not glued to the new line
+    assert ExpertBank(tmp_path / "bank").names() == ["a", "b"] and fresh.verify() == ([], [])
 
 
 def test_journal_compaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

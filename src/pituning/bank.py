@@ -2,17 +2,25 @@
 
 A bank is a directory (local or any fsspec URL)::
 
-    manifest.json        {"format": "pituning-bank", "schema": 1, "entries": {name: record}}
-    journal.jsonl        one committed add/remove record per line, replayed over manifest.json
+    manifest.json        {"format": "pituning-bank", "schema": 2, "entries": {name: record}, "sha256": seal}
+    journal.jsonl        one sealed add/remove record per line, replayed over manifest.json
     experts/<name>--<id>/expert.json, weights.safetensors, [embedding.safetensors], [head.safetensors]
-    cache/               derived data (stacked embeddings for similarity search), safe to delete
+    cache/               derived data (stacked embeddings for similarity search, with a digest), safe to delete
+    backup/              manifest and journal as they were before a :meth:`ExpertBank.recover`
 
-Every record lists its files with their sha256. Only JSON and safetensors are ever read: no pickle. A write puts the
-expert's files in a fresh folder first (each atomically: temp file, fsync, rename), then commits by appending one
-line to the journal under the bank lock ("manifest last"); a crash before the commit leaves an unreferenced folder
-that :meth:`ExpertBank.verify` reports and :meth:`ExpertBank.gc` removes, never a half-written entry. The journal is
-folded into ``manifest.json`` (atomically) every few hundred records; replaying is idempotent, so a crash between
-the two is harmless.
+Every record lists its files with their sha256, and every manifest and journal line carries the sha256 of its own
+canonical JSON, so damage anywhere is a :class:`~pituning.errors.BankCorruptionError` naming the file (and line); every
+field is validated on read, and no path from a record can lead outside ``experts/``. Only JSON and safetensors are ever
+read: no pickle.
+
+A write takes the bank lock, puts the expert's files in a fresh folder (each atomically: temp file, fsync, rename;
+``expert.json`` last, listing the others' sha256), then commits by appending one line to the journal ("manifest
+last"). A crash before the commit leaves an unreferenced folder: :meth:`ExpertBank.gc` (under the same lock, so never
+while a write is staging) removes it if it has no ``expert.json``, and otherwise keeps it for
+:meth:`ExpertBank.recover`, which re-registers intact folders no record lists. A removed or replaced expert's folder
+is marked dead before its commit, so gc can tell it from one a damaged journal forgot. The journal is folded into
+``manifest.json`` (atomically) every few hundred records; replaying is idempotent, so a crash between the two is
+harmless.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +41,17 @@ import torch
 from torch import Tensor
 
 from pituning.backbones import Fingerprint
+from pituning.bankfile import (
+    FILENAMES,
+    SCHEMA_VERSION,
+    check_folder,
+    check_meta,
+    check_record,
+    decode_line,
+    decode_manifest,
+    encode_line,
+    encode_manifest,
+)
 from pituning.errors import BackboneMismatchError, BankCorruptionError, BankError, ConfigError, ExpertError
 from pituning.experts.base import ExpertConfig, config_from_dict, validate_name
 from pituning.experts.lora import LoraConfig
@@ -47,15 +67,17 @@ __all__ = [
     "BankEntry",
     "Expert",
     "ExpertBank",
+    "Recovery",
     "TaskInfo",
     "average_heads",
     "sync_experts_",
 ]
 
-SCHEMA_VERSION = 1
 MODALITIES = ("text", "vision", "vision-language", "other")
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
+DEAD = ".dead"  # marks an expert folder whose entry was removed or replaced, before the commit
+_TEMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # an atomic write's temporary file
 COMPACT_EVERY = 512
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -249,12 +271,19 @@ class ExpertBank:
         self.dtype = dtype
         self.storage: Storage = open_storage(location)
         self._entries: dict[str, dict[str, Any]] = {}
+        self._schema = SCHEMA_VERSION
         self._manifest_token: Any = None
         self._journal_offset = 0
         self._journal_records = 0
+        self._journal_lines = 0
         self._similarity_cache: dict[str, _EmbeddingIndex] = {}
         self._wanted_memo: dict[tuple[Any, ...], builtins.list[tuple[str, str]]] = {}
         if not self.storage.exists(MANIFEST):
+            if self.storage.exists(JOURNAL) or self.storage.listdir("experts"):
+                raise BankCorruptionError(
+                    f"{self.storage.describe(MANIFEST)} is missing but the bank holds experts; "
+                    "`pituning bank recover` rebuilds it from the expert folders."
+                )
             if not create:
                 raise BankError(
                     f"No expert bank at {self.location} (no {MANIFEST}): check the path; ExpertBank(path) or "
@@ -266,11 +295,14 @@ class ExpertBank:
 
     # ------------------------------------------------------------------ manifest and journal
     def _write_manifest(self, entries: Mapping[str, Any]) -> None:
-        body = {"format": "pituning-bank", "schema": SCHEMA_VERSION, "library": _library(), "entries": entries}
-        self.storage.write_atomic(MANIFEST, json.dumps(body, sort_keys=True).encode())
+        self.storage.write_atomic(MANIFEST, encode_manifest(entries, _library()))
 
     def _refresh(self) -> dict[str, dict[str, Any]]:
-        """Current entries: manifest.json plus the journal, re-read only where it changed."""
+        """Current entries: manifest.json plus the journal, re-read only where it changed.
+
+        Raises:
+            BankCorruptionError: a damaged manifest or journal line (the message names the file and line).
+        """
         token = self.storage.token(MANIFEST)
         size = max(self.storage.size(JOURNAL), 0)
         if token is None or token != self._manifest_token or size < self._journal_offset:
@@ -278,49 +310,68 @@ class ExpertBank:
         if size > self._journal_offset:
             data = self.storage.read_from(JOURNAL, self._journal_offset)
             end = data.rfind(b"\n") + 1  # a line without its newline was never committed
-            for line in data[:end].splitlines():
-                if line.strip():
-                    self._apply(line)
-                    self._journal_records += 1
+            try:
+                for line in data[:end].split(b"\n")[:-1]:
+                    self._journal_lines += 1
+                    if line.strip():
+                        self._apply(line)
+                        self._journal_records += 1
+            except BaseException:
+                self._manifest_token = None  # re-read from the start next time, never half-applied
+                raise
             self._journal_offset += end
         return self._entries
 
     def _load_manifest(self, token: Any) -> None:
         try:
-            manifest = json.loads(self.storage.read(MANIFEST))
+            data = self.storage.read(MANIFEST)
         except FileNotFoundError as err:
             raise BankError(f"{self.storage.describe(MANIFEST)} is missing; this is not an expert bank.") from err
-        except ValueError as err:
-            raise BankCorruptionError(f"{self.storage.describe(MANIFEST)} is not valid JSON ({err}).") from err
-        if manifest.get("format") != "pituning-bank" or manifest.get("schema", 0) > SCHEMA_VERSION:
-            raise BankError(
-                f"{self.storage.describe(MANIFEST)} is not a pituning bank of schema <= {SCHEMA_VERSION}; "
-                "upgrade pituning to read it."
-            )
-        self._entries = dict(manifest["entries"])
+        self._entries, self._schema = decode_manifest(data, self.storage.describe(MANIFEST))
         self._manifest_token = token
         self._journal_offset = 0
         self._journal_records = 0
+        self._journal_lines = 0
 
     def _apply(self, line: bytes) -> None:
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise BankCorruptionError(f"{self.storage.describe(JOURNAL)} has an unreadable record ({err}).") from err
+        where = f"{self.storage.describe(JOURNAL)} line {self._journal_lines}"
+        record = decode_line(line, where, sealed=self._schema >= SCHEMA_VERSION)
         if record["op"] == "add":
             self._entries[record["entry"]["name"]] = record["entry"]
-        elif record["op"] == "remove":
+        else:
             self._entries.pop(record["name"], None)
 
-    def _commit(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Append records to the journal (the commit point); fold it into the manifest when long. Lock held."""
-        self.storage.append(JOURNAL, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records))
-        entries = self._refresh()
+    def _append(self, ops: Sequence[Mapping[str, Any]]) -> None:
+        """Append sealed records to the journal: the commit point. Lock held.
+
+        A torn tail (an append cut by a crash, never acknowledged) is cut off first, so it cannot glue itself to the
+        new line; a schema 1 bank is sealed first.
+        """
+        self._refresh()
+        if self.storage.size(JOURNAL) > self._journal_offset:
+            self.storage.truncate(JOURNAL, self._journal_offset)
+        if self._schema < SCHEMA_VERSION:
+            self._compact()
+        self.storage.append(JOURNAL, b"".join(encode_line(op) for op in ops))
+
+    def _after_commit(self) -> None:
+        """Read the new records back; fold the journal into the manifest when long. Lock held."""
+        self._refresh()
         if self._journal_records >= COMPACT_EVERY:
-            self._write_manifest(entries)
-            self.storage.write_atomic(JOURNAL, b"")
-            self._manifest_token = None
-            self._refresh()
+            self._compact()
+
+    def _compact(self) -> None:
+        """Fold the journal into a sealed manifest, then empty the journal (replay is idempotent). Lock held."""
+        entries = self._refresh()
+        if self._schema < SCHEMA_VERSION and self.storage.size(JOURNAL) > 0:
+            # seal schema-1 lines first, so a crash before the journal is emptied leaves only sealed lines
+            lines = self.storage.read(JOURNAL)[: self._journal_offset].split(b"\n")
+            sealed = [decode_line(line, JOURNAL, sealed=False) for line in lines if line.strip()]
+            self.storage.write_atomic(JOURNAL, b"".join(encode_line(op) for op in sealed))
+        self._write_manifest(entries)
+        self.storage.write_atomic(JOURNAL, b"")
+        self._manifest_token = None
+        self._refresh()
 
     # ------------------------------------------------------------------ listing
     def __len__(self) -> int:
@@ -370,7 +421,11 @@ class ExpertBank:
 
     # ------------------------------------------------------------------ writing
     def _stage(self, expert: Expert, dtype: torch.dtype) -> dict[str, Any]:
-        """Write an expert's files into a fresh folder and return its (uncommitted) record."""
+        """Write an expert's files into a fresh folder and return its (uncommitted) record. Lock held.
+
+        ``expert.json`` is written last and lists the other files' sha256: a folder without it is an interrupted
+        write, one with it can be re-registered by :meth:`recover`.
+        """
         validate_name(expert.name)
         if expert.embedding is not None and set(expert.embedding) != set(expert.state):
             raise ConfigError(
@@ -378,6 +433,11 @@ class ExpertBank:
                 "Fisher of each expert tensor, under the same keys."
             )
         folder = f"experts/{expert.name}--{uuid.uuid4().hex[:12]}"
+        blobs = {"weights": _save_tensors(expert.state, dtype)}
+        if expert.embedding is not None:
+            blobs["embedding"] = _save_tensors(expert.embedding, torch.float32)
+        if expert.head is not None:
+            blobs["head"] = _save_tensors(expert.head, torch.float32)
         meta = {
             "schema": SCHEMA_VERSION,
             "library": _library(),
@@ -391,20 +451,15 @@ class ExpertBank:
             "created": expert.created or _now(),
             "dtype": str(dtype).removeprefix("torch."),
             "tensors": {k: list(v.shape) for k, v in sorted(expert.state.items())},
+            "head_tensors": {k: list(v.shape) for k, v in sorted((expert.head or {}).items())},
             "modules": expert.modules,
+            "files": {role: _sha256(data) for role, data in blobs.items()},
         }
-        blobs = {
-            "weights": ("weights.safetensors", _save_tensors(expert.state, dtype)),
-            "expert": ("expert.json", json.dumps(meta, sort_keys=True, indent=1).encode()),
-        }
-        if expert.embedding is not None:
-            blobs["embedding"] = ("embedding.safetensors", _save_tensors(expert.embedding, torch.float32))
-        if expert.head is not None:
-            blobs["head"] = ("head.safetensors", _save_tensors(expert.head, torch.float32))
+        blobs["expert"] = json.dumps(meta, sort_keys=True, indent=1).encode()
         files = {}
         try:
-            for role, (filename, data) in blobs.items():
-                path = f"{folder}/{filename}"
+            for role, data in blobs.items():
+                path = f"{folder}/{FILENAMES[role]}"
                 self.storage.write_atomic(path, data)
                 files[role] = {"path": path, "sha256": _sha256(data)}
         except BaseException:
@@ -431,41 +486,60 @@ class ExpertBank:
     def add_many(
         self, experts: Sequence[Expert], *, overwrite: bool = False, dtype: torch.dtype | None = None
     ) -> builtins.list[BankEntry]:
-        """Store several experts with one commit (all or none become visible)."""
+        """Store several experts with one commit (all or none become visible).
+
+        Staging and commit happen under the bank lock, so :meth:`gc` never sees a folder being written; a replaced
+        expert's old folder is marked dead before the commit and deleted after it.
+        """
         names = [e.name for e in experts]
         if len(set(names)) != len(names):
             raise BankError(f"add_many got a name twice: {sorted(n for n in set(names) if names.count(n) > 1)}.")
+        for expert in experts:
+            validate_name(expert.name)
+            _check_finite(expert)
         if not overwrite:
             taken = [n for n in names if n in self._refresh()]
             if taken:
                 raise BankError(f"Experts {taken} are already in the bank; remove them or pass overwrite=True.")
-        records: builtins.list[dict[str, Any]] = []
-        old_folders: builtins.list[str] = []
-        try:
-            for expert in experts:
-                records.append(self._stage(expert, dtype or self.dtype))
-            with self.storage.lock():
-                current = self._refresh()
-                old_folders = [current[n]["folder"] for n in names if n in current]
-                if old_folders and not overwrite:
-                    raise BankError(
-                        f"Experts {[n for n in names if n in current]} were added meanwhile; pass overwrite=True."
-                    )
-                self._commit([{"op": "add", "entry": r} for r in records])
-        except BaseException:
-            for record in records:
-                self.storage.remove_tree(record["folder"])
-            raise
-        for folder in old_folders:
-            self.storage.remove_tree(folder)
+        with self.storage.lock():
+            current = self._refresh()
+            old_folders = [current[n]["folder"] for n in names if n in current]
+            if old_folders and not overwrite:
+                raise BankError(
+                    f"Experts {[n for n in names if n in current]} were added meanwhile; pass overwrite=True."
+                )
+            records: builtins.list[dict[str, Any]] = []
+            marked: builtins.list[str] = []
+            try:
+                for expert in experts:
+                    records.append(self._stage(expert, dtype or self.dtype))
+                for folder in old_folders:
+                    self.storage.write_atomic(f"{folder}/{DEAD}", b"superseded\n")
+                    marked.append(folder)
+                self._append([{"op": "add", "entry": r} for r in records])
+            except BaseException:
+                for folder in marked:
+                    self.storage.remove_tree(f"{folder}/{DEAD}")
+                for record in records:
+                    self.storage.remove_tree(record["folder"])
+                raise
+            self._after_commit()
+            for folder in old_folders:
+                self.storage.remove_tree(folder)
         return [BankEntry.from_record(r) for r in records]
 
     def remove(self, name: str) -> None:
-        """Delete expert ``name`` (commit first, then its files)."""
+        """Delete expert ``name`` (mark its folder dead, commit, then delete its files)."""
         with self.storage.lock():
             folder = self.entry(name).folder
-            self._commit([{"op": "remove", "name": name}])
-        self.storage.remove_tree(folder)
+            self.storage.write_atomic(f"{folder}/{DEAD}", b"removed\n")
+            try:
+                self._append([{"op": "remove", "name": name}])
+            except BaseException:
+                self.storage.remove_tree(f"{folder}/{DEAD}")
+                raise
+            self._after_commit()
+            self.storage.remove_tree(folder)
 
     def set_embedding(self, name: str, embedding: Mapping[str, Tensor]) -> BankEntry:
         """Store (or replace) the task embedding of an existing expert."""
@@ -479,7 +553,7 @@ class ExpertBank:
         info = entry.files[role]
         try:
             data = self.storage.read(info["path"])
-        except FileNotFoundError as err:
+        except (FileNotFoundError, NotADirectoryError) as err:
             raise BankCorruptionError(
                 f"{self.storage.describe(info['path'])} of expert {entry.name!r} is missing; restore it or remove the "
                 "expert."
@@ -492,41 +566,48 @@ class ExpertBank:
         return data
 
     def _tensors(self, entry: BankEntry, role: str) -> dict[str, Tensor]:
-        from safetensors.torch import load
-
-        data = self._read_verified(entry, role)
-        try:
-            return {k: v.float() for k, v in load(data).items()}
-        except Exception as err:
-            raise BankCorruptionError(
-                f"{entry.files[role]['path']} is not a readable safetensors file ({err})."
-            ) from err
+        return _load_tensors(self._read_verified(entry, role), self.storage.describe(entry.files[role]["path"]))
 
     def _meta(self, entry: BankEntry) -> dict[str, Any]:
         data = self._read_verified(entry, "expert")
+        where = self.storage.describe(entry.files["expert"]["path"])
         try:
             meta = json.loads(data)
         except ValueError as err:
-            raise BankCorruptionError(f"{entry.files['expert']['path']} is not valid JSON ({err}).") from err
-        assert isinstance(meta, dict)
-        return meta
+            raise BankCorruptionError(f"{where} is not valid JSON ({err}).") from err
+        return check_meta(meta, where, asdict(entry))
 
     def get(self, name: str) -> Expert:
-        """Load expert ``name`` (fp32), verifying every file's sha256."""
+        """Load expert ``name`` (fp32), verifying every file's sha256 and the stored tensors against the record."""
         entry = self.entry(name)
         meta = self._meta(entry)
+        where = self.storage.describe(entry.files["expert"]["path"])
+        try:
+            config = config_from_dict(meta["config"])
+            task = TaskInfo(**meta["task"])
+            backbone = BackboneIdentity.from_dict(meta["backbone"])
+        except (ConfigError, TypeError, KeyError, ValueError) as err:
+            raise BankCorruptionError(f"{where} holds an unreadable config, task or backbone ({err}).") from err
+        state = self._tensors(entry, "weights")
+        _check_shapes(state, meta["tensors"], self.storage.describe(entry.files["weights"]["path"]))
+        embedding = self._tensors(entry, "embedding") if entry.has_embedding else None
+        if embedding is not None:
+            _check_shapes(embedding, meta["tensors"], self.storage.describe(entry.files["embedding"]["path"]))
+        head = self._tensors(entry, "head") if "head" in entry.files else None
+        if head is not None and "head_tensors" in meta:
+            _check_shapes(head, meta["head_tensors"], self.storage.describe(entry.files["head"]["path"]))
         return Expert(
             name=name,
-            config=config_from_dict(meta["config"]),
-            state=self._tensors(entry, "weights"),
-            task=TaskInfo(**meta["task"]),
-            backbone=BackboneIdentity.from_dict(meta["backbone"]),
-            metrics=meta.get("metrics", {}),
-            embedding=self._tensors(entry, "embedding") if entry.has_embedding else None,
-            head=self._tensors(entry, "head") if "head" in entry.files else None,
-            provenance=meta.get("provenance", {}),
-            created=meta.get("created", ""),
-            modules=meta.get("modules", {}),
+            config=config,
+            state=state,
+            task=task,
+            backbone=backbone,
+            metrics=meta["metrics"],
+            embedding=embedding,
+            head=head,
+            provenance=meta["provenance"],
+            created=meta["created"],
+            modules=meta["modules"],
         )
 
     def select(self, names: Iterable[str]) -> builtins.list[Expert]:
@@ -572,6 +653,7 @@ class ExpertBank:
         lora: str = "params",
         task: TaskInfo | None = None,
         overwrite: bool = False,
+        allow_backbone_mismatch: bool = False,
     ) -> Expert:
         """Store the weighted parameter average ``sum_i w_i theta_i`` of ``names`` as a new expert ``name``.
 
@@ -587,6 +669,12 @@ class ExpertBank:
                 ``sum r_i`` (ranks may then differ).
             task: task of the new expert (default: the first expert's task).
             overwrite: replace an existing entry ``name`` (a re-run's average).
+            allow_backbone_mismatch: average experts whose backbones differ in weights (same structure); the result
+                is stored under the first one's backbone and its provenance lists every backbone.
+
+        Raises:
+            BackboneMismatchError: the experts belong to backbones of different structure, or (unless
+                ``allow_backbone_mismatch``) of different weights.
         """
         if not names:
             raise ConfigError("average() needs at least one expert name.")
@@ -600,9 +688,18 @@ class ExpertBank:
         for other in experts[1:]:
             if other.config.kind != first.config.kind:
                 raise ConfigError(f"Cannot average a {first.config.kind} and a {other.config.kind} expert.")
-            if other.backbone.fingerprint.structure != first.backbone.fingerprint.structure:
+            mine, theirs = first.backbone.fingerprint, other.backbone.fingerprint
+            if theirs.structure != mine.structure:
                 raise BackboneMismatchError(
-                    f"Cannot average {first.name!r} and {other.name!r}: they belong to different backbones."
+                    f"Cannot average {first.name!r} and {other.name!r}: they belong to backbones of different "
+                    f"structure ({first.backbone.source!r} and {other.backbone.source!r})."
+                )
+            if theirs.weights != mine.weights and not allow_backbone_mismatch:
+                raise BackboneMismatchError(
+                    f"Cannot average {first.name!r} and {other.name!r}: they were trained on different backbone "
+                    f"weights ({first.backbone.source!r} and {other.backbone.source!r}), so the average would be "
+                    "stored under a backbone one of them never saw. Pass allow_backbone_mismatch=True to average them "
+                    "anyway."
                 )
             if set(other.state) != set(first.state):
                 raise ConfigError(f"Cannot average {first.name!r} and {other.name!r}: they cover different modules.")
@@ -626,7 +723,12 @@ class ExpertBank:
             task=task or first.task,
             backbone=first.backbone,
             head=head,
-            provenance={"average_of": list(names), "weights": [float(x) for x in weights], "lora": lora},
+            provenance={
+                "average_of": list(names),
+                "weights": [float(x) for x in weights],
+                "lora": lora,
+                **({"backbones": [e.backbone.to_dict() for e in experts]} if allow_backbone_mismatch else {}),
+            },
             modules=first.modules,
         )
         self.add(averaged, overwrite=overwrite)
@@ -714,17 +816,14 @@ class ExpertBank:
         ]
 
     def _embedding_index(self, layout: str, wanted: builtins.list[tuple[str, str]]) -> _EmbeddingIndex:
-        """Stacked embeddings of ``wanted`` ``(name, sha256)`` rows, reusing cached rows whose sha256 still match."""
-        from safetensors.torch import load, save
+        """Stacked embeddings of ``wanted`` ``(name, sha256)`` rows, reusing cached rows whose sha256 still match.
 
+        The cache file carries a digest of its contents; a damaged or edited one is ignored and rebuilt.
+        """
         cached = self._similarity_cache.get(layout)
         path = f"cache/embeddings-{layout}.safetensors"
         if cached is None:
-            with contextlib.suppress(FileNotFoundError, KeyError, ValueError, RuntimeError):
-                tensors = load(self.storage.read(path))
-                meta = json.loads(tensors["meta"].numpy().tobytes().decode())
-                keys = [(str(a), str(b)) for a, b in meta["keys"]]
-                cached = _EmbeddingIndex(keys, meta["names"], meta["sizes"], tensors["raw"])
+            cached = self._read_cache(path)
         if cached is not None and cached.keys == wanted:
             self._similarity_cache[layout] = cached
             return cached
@@ -746,40 +845,87 @@ class ExpertBank:
                 parts.append(cached.raw[rows[key]])
         index = _EmbeddingIndex(wanted, names, sizes, torch.stack(parts))
         self._similarity_cache[layout] = index
-        meta = json.dumps({"keys": wanted, "names": names, "sizes": sizes}).encode()
-        blob = {"raw": index.raw, "meta": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
-        with contextlib.suppress(OSError):  # a read-only bank still answers
-            self.storage.write_atomic(path, bytes(save(blob)))
+        with contextlib.suppress(OSError, BankError):  # a read-only bank still answers
+            self.storage.write_atomic(path, _encode_cache(index))
         return index
 
+    def _read_cache(self, path: str) -> _EmbeddingIndex | None:
+        """The cached index at ``path``, or ``None`` if absent, unreadable or not matching its digest."""
+        try:
+            return _decode_cache(self.storage.read(path))
+        except (FileNotFoundError, BankCorruptionError):
+            return None
+
     # ------------------------------------------------------------------ PEFT interop
-    def export_peft(self, name: str, out_dir: str | Path, *, num_attention_heads: int | None = None) -> Path:
+    def export_peft(
+        self,
+        name: str,
+        out_dir: str | Path,
+        *,
+        num_attention_heads: int | None = None,
+        task_class: str | None = None,
+        task_type: str | None = None,
+        base_model_name_or_path: str | None = None,
+    ) -> Path:
         """Write expert ``name`` as a PEFT adapter directory (LoRA exactly; prefix in PEFT's layout, see
-        :func:`pituning.peft_io.prefix_to_peft`, which needs ``num_attention_heads``: the key/value heads)."""
-        from pituning.peft_io import lora_to_peft, prefix_to_peft
+        :func:`pituning.peft_io.prefix_to_peft`, which needs ``num_attention_heads``: the key/value heads).
+
+        The directory also gets ``README.md`` (a model card) and ``pituning.json`` (task, backbone, metrics and
+        provenance, read back by :meth:`import_peft`); PEFT ignores both.
+
+        Args:
+            name: the expert.
+            out_dir: a new (or empty) directory.
+            num_attention_heads: key/value heads (prefix experts only).
+            task_class: the transformers class the adapter should load into (``BertForSequenceClassification``); the
+                module paths are moved into it. Default: the class the expert's paths fit (the one it came from).
+            task_type: a PEFT task type instead (``SEQ_CLS``, ``CAUSAL_LM``, ``SEQ_2_SEQ_LM``, ``TOKEN_CLS``,
+                ``QUESTION_ANS``, ``FEATURE_EXTRACTION``).
+            base_model_name_or_path: what ``AutoPeftModel...`` loads; default the backbone's directory or hub name
+                (``None`` for a backbone built from a config or module).
+        """
+        from pituning.peft_io import export_files, loadable_base, lora_to_peft, prefix_to_peft, resolve_export_target
 
         expert = self.get(name)
         if not expert.modules:
             raise BankError(f"Expert {name!r} was stored without its module layout; re-add it from a model.")
-        source = expert.backbone.source
-        if expert.config.kind == "lora":
-            assert isinstance(expert.config, LoraConfig)
-            return lora_to_peft(expert.config, expert.state, expert.modules, out_dir, base_model_name_or_path=source)
-        if expert.config.kind == "prefix":
-            assert isinstance(expert.config, PrefixConfig)
-            if num_attention_heads is None:
-                raise ConfigError("Exporting a prefix needs num_attention_heads (the model's key/value heads).")
-            return prefix_to_peft(
+        base = base_model_name_or_path or loadable_base(expert.backbone.source)
+        if expert.config.kind not in ("lora", "prefix"):
+            raise ConfigError(
+                f"Expert {name!r} is a {expert.config.kind} expert; PEFT has no bottleneck-adapter format, so only "
+                "LoRA and prefix experts export."
+            )
+        if expert.config.kind == "prefix" and num_attention_heads is None:
+            raise ConfigError("Exporting a prefix needs num_attention_heads (the model's key/value heads).")
+        if expert.config.kind == "lora" or task_class is not None or task_type is not None:
+            target = resolve_export_target(
+                expert.modules, base_model_name_or_path=base, task_class=task_class, task_type=task_type
+            )
+        else:
+            target = None
+        files = export_files(expert, base_model_name_or_path=base, target=target, library=_library())
+        if isinstance(expert.config, LoraConfig):
+            options = expert.provenance.get("peft")
+            return lora_to_peft(
                 expert.config,
                 expert.state,
                 expert.modules,
                 out_dir,
-                num_attention_heads=num_attention_heads,
-                base_model_name_or_path=source,
+                base_model_name_or_path=base,
+                target=target,
+                options=options if isinstance(options, dict) else None,
+                extra_files=files,
             )
-        raise ConfigError(
-            f"Expert {name!r} is a {expert.config.kind} expert; PEFT has no bottleneck-adapter format, so only LoRA "
-            "and prefix experts export."
+        assert isinstance(expert.config, PrefixConfig) and num_attention_heads is not None
+        return prefix_to_peft(
+            expert.config,
+            expert.state,
+            expert.modules,
+            out_dir,
+            num_attention_heads=num_attention_heads,
+            task_type=target.task_type if target is not None else None,
+            base_model_name_or_path=base,
+            extra_files=files,
         )
 
     def import_peft(
@@ -787,13 +933,18 @@ class ExpertBank:
     ) -> Expert:
         """Store a PEFT LoRA or prefix-tuning adapter directory as expert ``name`` of ``model``'s backbone.
 
-        The weights are loaded into ``model`` once to check every shape (and removed again), so a bad adapter never
-        reaches the bank.
+        Only adapters pituning computes exactly import (see :func:`pituning.peft_io.check_lora_config`); every file is
+        validated, and a problem raises a :class:`~pituning.errors.ConfigError` (or ``ExpertError`` when the weights do
+        not fit the backbone) naming the file. A ``pituning.json`` sidecar (written by :meth:`export_peft`) brings the
+        expert's provenance and metrics back. The weights are loaded into ``model`` once to check every shape (and
+        removed again), so a bad adapter never reaches the bank.
         """
-        from pituning.peft_io import lora_from_peft, prefix_from_peft, read_peft_config
+        from pituning.errors import PiTuningError
+        from pituning.peft_io import imported_metadata, lora_from_peft, prefix_from_peft, read_peft_config
 
         validate_name(name)
-        peft_type = read_peft_config(adapter_dir).get("peft_type")
+        cfg = read_peft_config(adapter_dir)
+        peft_type = cfg["peft_type"]
         config: ExpertConfig
         if peft_type == "LORA":
             config, state = lora_from_peft(adapter_dir, {n for n, _ in model.backbone.named_modules()})
@@ -801,9 +952,13 @@ class ExpertBank:
             config, state = prefix_from_peft(adapter_dir, model.info.names("self_attn"))
         else:
             raise ConfigError(f"{adapter_dir} holds a {peft_type} adapter; LORA and PREFIX_TUNING import.")
-        model.load_expert(name, config, state, activate=False)
+        provenance, metrics = imported_metadata(adapter_dir, cfg)
         try:
-            expert = Expert.from_model(model, name, task, provenance={"imported_from": str(adapter_dir)})
+            model.load_expert(name, config, state, activate=False)
+        except PiTuningError as err:
+            raise ExpertError(f"{adapter_dir}: the adapter does not fit this backbone: {err}") from err
+        try:
+            expert = Expert.from_model(model, name, task, provenance=provenance, metrics=metrics)
         finally:
             model.remove_expert(name)
         self.add(expert, overwrite=overwrite)
@@ -811,39 +966,178 @@ class ExpertBank:
 
     # ------------------------------------------------------------------ integrity
     def verify(self) -> tuple[builtins.list[str], builtins.list[str]]:
-        """Re-check every file of every entry.
+        """Re-check the manifest, the journal, every file of every entry and the bank's other contents.
 
         Returns:
-            ``(problems, warnings)``: problems are missing or corrupt files and unreadable metadata; warnings are
-            expert folders no entry refers to (left by an interrupted write; :meth:`gc` removes them).
+            ``(problems, warnings)``. Problems: a damaged manifest or journal line, missing or corrupt expert files,
+            metadata that contradicts its record, a path leading outside the bank. Warnings: folders no entry refers
+            to (an interrupted write, which :meth:`gc` removes, or an intact expert that :meth:`recover`
+            re-registers), leftover temporary files and damaged cache files (both removed by :meth:`gc`).
         """
         problems: builtins.list[str] = []
-        entries = self._refresh()
+        warnings: builtins.list[str] = []
+        try:
+            entries = dict(self._refresh())
+        except BankError as err:
+            return [str(err)], []
         for name in sorted(entries):
-            entry = BankEntry.from_record(entries[name])
-            for role in entry.files:
+            try:
+                self.get(name)
+            except BankError as err:
+                problems.append(str(err))
+        with self.storage.lock():
+            tail = self._journal_tail()
+            if tail:
                 try:
-                    if role == "expert":
-                        self._meta(entry)
-                    else:
-                        self._tensors(entry, role)
-                except BankCorruptionError as err:
-                    problems.append(str(err))
-        referenced = {e["folder"].split("/", 1)[1] for e in entries.values()}
-        orphans = [f"experts/{d}" for d in self.storage.listdir("experts") if d not in referenced]
-        warnings = [
-            f"{self.storage.describe(o)} is not referenced by the manifest (interrupted write?)" for o in orphans
-        ]
+                    decode_line(tail, JOURNAL)
+                    problems.append(
+                        f"{self.storage.describe(JOURNAL)} ends with a complete record that lost its newline (damage); "
+                        "`pituning bank recover` restores it."
+                    )
+                except BankCorruptionError:
+                    warnings.append(
+                        f"{self.storage.describe(JOURNAL)} ends with {len(tail)} bytes of an interrupted write (never "
+                        "committed); the next write removes them."
+                    )
+            referenced = {e["folder"].split("/", 1)[1] for e in entries.values()}
+            for folder in self.storage.listdir("experts"):
+                if folder in referenced:
+                    continue
+                where = self.storage.describe(f"experts/{folder}")
+                state, _ = self._orphan(folder)
+                if state == "outside":
+                    problems.append(f"{where} leads outside the bank (a symlink?); remove it by hand.")
+                elif state == "intact":
+                    warnings.append(
+                        f"{where} is an intact expert the manifest does not list (an interrupted write or a damaged "
+                        "journal); `pituning bank recover` registers it."
+                    )
+                elif state == "damaged":
+                    warnings.append(
+                        f"{where} is not referenced by the manifest and its files are damaged; gc keeps it."
+                    )
+                else:
+                    warnings.append(f"{where} is not referenced by the manifest (interrupted write); gc removes it.")
+            warnings += [
+                f"{self.storage.describe(p)} is a leftover temporary file; gc removes it." for p in self._temps()
+            ]
+            warnings += [
+                f"{self.storage.describe(p)} is a damaged cache file; gc removes it." for p in self._bad_cache()
+            ]
         return problems, warnings
 
+    def _journal_tail(self) -> bytes:
+        """Bytes after the journal's last newline (an append cut short). Lock held."""
+        self._refresh()
+        return self.storage.read_from(JOURNAL, self._journal_offset) if self.storage.exists(JOURNAL) else b""
+
+    def _orphan(self, folder: str) -> tuple[str, dict[str, Any] | None]:
+        """Classify an unreferenced folder of ``experts/``. Lock held, so no write is in progress.
+
+        Returns:
+            ``(state, record)``: ``dead`` (removed or replaced, deletion cut short), ``partial`` (a write cut short
+            before its ``expert.json``), ``intact`` (a complete expert; its record), ``damaged`` (has an
+            ``expert.json`` but bad files) or ``outside`` (leads outside the bank).
+        """
+        path = f"experts/{folder}"
+        try:
+            if self.storage.exists(f"{path}/{DEAD}"):
+                return "dead", None
+            if not self.storage.exists(f"{path}/{FILENAMES['expert']}"):
+                return "partial", None
+        except BankError:
+            return "outside", None
+        try:
+            return "intact", _record_from_folder(self.storage, path)
+        except (BankError, OSError):
+            return "damaged", None
+
+    def _temps(self) -> builtins.list[str]:
+        """Leftover temporary files of atomic writes in the bank root and cache. Lock held."""
+        return [f"{d}/{n}" if d else n for d in ("", "cache") for n in self.storage.listdir(d) if _TEMP.fullmatch(n)]
+
+    def _bad_cache(self) -> builtins.list[str]:
+        """Cache files that are unreadable or do not match their digest."""
+        paths = [f"cache/{n}" for n in self.storage.listdir("cache") if n.startswith("embeddings-")]
+        return [p for p in paths if self._read_cache(p) is None]
+
     def gc(self) -> builtins.list[str]:
-        """Delete unreferenced expert folders; returns what was removed."""
+        """Delete what is provably abandoned; returns what was removed.
+
+        Under the bank lock (so no write is in progress): expert folders of removed or replaced experts, folders of
+        writes cut short before their ``expert.json``, leftover temporary files and damaged cache files. Never an
+        intact expert folder, even one the manifest does not list (:meth:`recover` registers those), never a
+        damaged one, and nothing on a bank whose manifest or journal is damaged.
+        """
         with self.storage.lock():
             referenced = {e["folder"].split("/", 1)[1] for e in self._refresh().values()}
-            removed = [f"experts/{d}" for d in self.storage.listdir("experts") if d not in referenced]
-            for folder in removed:
-                self.storage.remove_tree(folder)
+            removed = []
+            for folder in self.storage.listdir("experts"):
+                if folder not in referenced and self._orphan(folder)[0] in ("dead", "partial"):
+                    removed.append(f"experts/{folder}")
+            removed += self._temps() + self._bad_cache()
+            for path in removed:
+                self.storage.remove_tree(path)
         return removed
+
+    @classmethod
+    def recover(cls, location: str | Path) -> Recovery:
+        """Rebuild a damaged bank's manifest from what is intact, losing no intact expert.
+
+        Reads the manifest (if intact) and every journal line that is intact, reports the damaged ones, then
+        registers every intact expert folder that no record lists (an interrupted write, or one whose record was
+        damaged). The damaged manifest and journal are kept under ``backup/<time>/``; a fresh sealed manifest and an
+        empty journal replace them.
+        """
+        storage = open_storage(location)
+        with storage.lock():
+            report = Recovery()
+            entries: dict[str, dict[str, Any]] = {}
+            originals = {p: storage.read(p) for p in (MANIFEST, JOURNAL) if storage.exists(p)}
+            if MANIFEST in originals:
+                try:
+                    entries, _ = decode_manifest(originals[MANIFEST], storage.describe(MANIFEST))
+                except BankCorruptionError as err:
+                    report.dropped.append(str(err))
+            lines = originals.get(JOURNAL, b"").split(b"\n")
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    op = decode_line(line, f"{storage.describe(JOURNAL)} line {number}", sealed=False)
+                except BankCorruptionError as err:
+                    if number < len(lines):  # a torn last line is an uncommitted write, not damage
+                        report.dropped.append(str(err))
+                    continue
+                if op["op"] == "add":
+                    entries[op["entry"]["name"]] = op["entry"]
+                else:
+                    entries.pop(op["name"], None)
+            bank = cls.__new__(cls)
+            bank.storage = storage
+            referenced = {e["folder"].split("/", 1)[1] for e in entries.values()}
+            found: dict[str, dict[str, Any]] = {}
+            for folder in storage.listdir("experts"):
+                if folder in referenced:
+                    continue
+                state, record = bank._orphan(folder)
+                if record is None:
+                    report.skipped.append(f"experts/{folder} ({state})")
+                elif record["name"] in entries:
+                    report.skipped.append(f"experts/{folder} (a newer {record['name']!r} is listed)")
+                elif record["name"] not in found or found[record["name"]]["created"] < record["created"]:
+                    found[record["name"]] = record
+            entries.update(found)
+            report.registered = sorted(found)
+            if report.dropped or report.registered or MANIFEST not in originals:
+                stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+                report.backup = f"backup/{stamp}-{uuid.uuid4().hex[:6]}"
+                for path, data in originals.items():
+                    storage.write_atomic(f"{report.backup}/{path}", data)
+                storage.write_atomic(MANIFEST, encode_manifest(entries, _library()))
+                storage.write_atomic(JOURNAL, b"")
+            report.entries = len(entries)
+        return report
 
     # ------------------------------------------------------------------ distributed
     @staticmethod
@@ -866,6 +1160,136 @@ class _EmbeddingIndex:
         if rescale not in self._prepared:
             self._prepared[rescale] = prepare_rows(self.raw, self.sizes, rescale)
         return self._prepared[rescale]
+
+
+@dataclass
+class Recovery:
+    """What :meth:`ExpertBank.recover` did."""
+
+    registered: builtins.list[str] = field(default_factory=list)
+    """Experts re-registered from intact folders no record listed."""
+    dropped: builtins.list[str] = field(default_factory=list)
+    """Damaged manifest or journal records left out (each message names the file and line)."""
+    skipped: builtins.list[str] = field(default_factory=list)
+    """Unlisted folders not registered, with the reason (damaged, dead, superseded by a listed expert)."""
+    backup: str | None = None
+    """Bank-relative folder holding the manifest and journal as they were, when anything changed."""
+    entries: int = 0
+    """Experts in the bank afterwards."""
+
+
+def _check_finite(expert: Expert) -> None:
+    for part, tensors in (("weights", expert.state), ("head", expert.head or {})):
+        bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad:
+            raise ExpertError(
+                f"Expert {expert.name!r} has non-finite {part} (NaN or inf in {bad[:3]}); it is not stored. Its "
+                "training diverged or its inputs held NaN: lower the learning rate or check the data."
+            )
+
+
+def _check_shapes(tensors: Mapping[str, Tensor], shapes: Mapping[str, Any], where: str) -> None:
+    found = {k: list(v.shape) for k, v in tensors.items()}
+    if found != {k: list(v) for k, v in shapes.items()}:
+        raise BankCorruptionError(
+            f"{where} holds tensors {sorted(found)[:4]}... that do not match the names and shapes its expert.json "
+            "records; the file was replaced. Restore it or remove the expert."
+        )
+
+
+def _load_tensors(data: bytes, where: str) -> dict[str, Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return {k: v.float() for k, v in load(data).items()}
+    except Exception as err:  # safetensors raises its own error types for every malformed header
+        raise BankCorruptionError(f"{where} is not a readable safetensors file ({err}).") from err
+
+
+def _record_from_folder(storage: Storage, folder: str) -> dict[str, Any]:
+    """The bank record of an expert folder, rebuilt from its ``expert.json`` after checking every file."""
+    name = check_folder(folder, storage.describe(folder))
+    where = storage.describe(f"{folder}/{FILENAMES['expert']}")
+    raw = storage.read(f"{folder}/{FILENAMES['expert']}")
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise BankCorruptionError(f"{where} is not valid JSON ({err}).") from err
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("task"), dict)
+        or not isinstance(meta.get("backbone"), dict)
+    ):
+        raise BankCorruptionError(f"{where} is not an expert's metadata.")
+    listed = meta.get("files")
+    if not isinstance(listed, dict):  # written before expert.json listed its files: take them as they are
+        present = [r for r in FILENAMES if r != "expert" and storage.exists(f"{folder}/{FILENAMES[r]}")]
+        listed = {r: _sha256(storage.read(f"{folder}/{FILENAMES[r]}")) for r in present}
+    files = {"expert": {"path": f"{folder}/{FILENAMES['expert']}", "sha256": _sha256(raw)}}
+    tensors: dict[str, dict[str, Tensor]] = {}
+    for role, digest in listed.items():
+        path = f"{folder}/{FILENAMES.get(role, '?')}"
+        data = storage.read(path) if role in FILENAMES and role != "expert" else b""
+        if _sha256(data) != digest:
+            raise BankCorruptionError(f"{storage.describe(path)} does not match the sha256 its expert.json lists.")
+        tensors[role] = _load_tensors(data, storage.describe(path))
+        files[role] = {"path": path, "sha256": digest}
+    backbone, task = meta["backbone"], meta["task"]
+    record = {
+        "name": name,
+        "kind": meta.get("kind"),
+        "modality": task.get("modality"),
+        "task": task.get("name"),
+        "backbone": backbone.get("source"),
+        "structure": backbone.get("structure"),
+        "weights_fingerprint": backbone.get("weights"),
+        "created": meta.get("created"),
+        "folder": folder,
+        "files": files,
+        "embedding_layout": _layout(tensors["embedding"]) if "embedding" in tensors else None,
+    }
+    check_record(record, where)
+    check_meta(meta, where, record)
+    if "weights" not in tensors:
+        raise BankCorruptionError(f"{where} lists no weights.")
+    _check_shapes(tensors["weights"], meta["tensors"], storage.describe(f"{folder}/{FILENAMES['weights']}"))
+    return record
+
+
+def _encode_cache(index: _EmbeddingIndex) -> bytes:
+    from safetensors.torch import save
+
+    meta = json.dumps({"keys": index.keys, "names": index.names, "sizes": index.sizes}).encode()
+    raw = index.raw.float().contiguous()
+    digest = _sha256(meta + raw.numpy().tobytes()).encode()
+    blob = {
+        "raw": raw,
+        "meta": torch.frombuffer(bytearray(meta), dtype=torch.uint8),
+        "digest": torch.frombuffer(bytearray(digest), dtype=torch.uint8),
+    }
+    return bytes(save(blob))
+
+
+def _decode_cache(data: bytes) -> _EmbeddingIndex:
+    """Inverse of :func:`_encode_cache`; :class:`BankCorruptionError` if anything does not match its digest."""
+    try:
+        from safetensors.torch import load
+
+        loaded = load(data)
+        meta_bytes = loaded["meta"].numpy().tobytes()
+        raw = loaded["raw"]
+        if raw.dtype != torch.float32 or loaded["digest"].numpy().tobytes().decode() != _sha256(
+            meta_bytes + raw.contiguous().numpy().tobytes()
+        ):
+            raise ValueError("digest mismatch")
+        meta = json.loads(meta_bytes)
+        keys = [(str(a), str(b)) for a, b in meta["keys"]]
+        names, sizes = [str(n) for n in meta["names"]], [int(s) for s in meta["sizes"]]
+        if raw.ndim != 2 or raw.shape != (len(keys), sum(sizes)) or len(names) != len(sizes):
+            raise ValueError("shape mismatch")
+    except Exception as err:
+        raise BankCorruptionError(f"damaged embedding cache ({err})") from err
+    return _EmbeddingIndex(keys, names, sizes, raw)
 
 
 def average_heads(heads: Sequence[Mapping[str, Tensor] | None], weights: Sequence[float]) -> dict[str, Tensor] | None:

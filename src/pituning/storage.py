@@ -4,6 +4,9 @@ Local writes go to a temporary file in the same directory, are fsynced, renamed 
 fsynced, so a reader sees the old or the new file, never a partial one. A lock file serialises writers across
 processes (``fcntl.flock``). fsspec URLs (``memory://``, object stores) get write-then-move and an in-process lock only:
 object stores offer no cross-process lock, so one writer at a time is the user's job there.
+
+Every path is relative to the bank root and checked before use: no absolute path, no ``..``, and (locally) no symlink
+that resolves outside the root, so nothing a bank file says can make a read or a delete reach outside the bank.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pituning.errors import BankError
 
 __all__ = ["FsspecStorage", "LocalStorage", "Storage", "open_storage"]
 
@@ -45,6 +50,10 @@ class Storage:
         """Append ``data`` to ``path`` durably (creating it)."""
         raise NotImplementedError
 
+    def truncate(self, path: str, size: int) -> None:
+        """Cut ``path`` to its first ``size`` bytes durably."""
+        raise NotImplementedError
+
     def exists(self, path: str) -> bool:
         """Whether ``path`` exists."""
         raise NotImplementedError
@@ -58,7 +67,7 @@ class Storage:
         return None
 
     def listdir(self, path: str) -> list[str]:
-        """Names of the entries of directory ``path`` (empty if absent)."""
+        """Names of the entries of directory ``path`` (``""``: the bank root; empty if absent)."""
         raise NotImplementedError
 
     def remove_tree(self, path: str) -> None:
@@ -78,6 +87,17 @@ class Storage:
         return f"{self.root.rstrip('/')}/{path}"
 
 
+def _parts(path: str) -> list[str]:
+    """The segments of a bank-relative path; a path that could leave the bank is refused."""
+    parts = path.split("/")
+    if not path or "\\" in path or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise BankError(
+            f"Bank path {path!r} is not a plain relative path inside the bank (absolute, empty, '.' or '..'); "
+            "a bank file may never point outside the bank. The bank is damaged or was tampered with."
+        )
+    return parts
+
+
 _LOCAL_LOCKS: dict[str, threading.RLock] = {}
 
 
@@ -85,13 +105,29 @@ class LocalStorage(Storage):
     """A bank in a local directory."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = str(Path(root).expanduser().resolve())
+        if not str(root).strip():
+            raise BankError("The bank location is empty; pass a directory (for example runs/bank) or an fsspec URL.")
+        resolved = Path(root).expanduser().resolve()
+        for parent in (resolved, *resolved.parents):
+            if parent.exists() and not parent.is_dir():
+                where = "is a file" if parent == resolved else f"is under {parent}, which is a file"
+                raise BankError(f"Bank location {root} {where}; pass a directory (a new one is created).")
+            if parent.exists():
+                break
+        self.root = str(resolved)
         self._thread_lock = _LOCAL_LOCKS.setdefault(self.root, threading.RLock())
         self._held = 0
         self._lock_file: Any = None
 
     def _p(self, path: str) -> Path:
-        return Path(self.root, *path.split("/"))
+        target = Path(self.root, *_parts(path))
+        real = os.path.realpath(target)
+        if not real.startswith(self.root + os.sep):
+            raise BankError(
+                f"{target} resolves to {real}, outside the bank at {self.root} (a symlink?); a bank file may never "
+                "point outside the bank. Remove the link."
+            )
+        return target
 
     def read(self, path: str) -> bytes:
         return self._p(path).read_bytes()
@@ -124,6 +160,12 @@ class LocalStorage(Storage):
             handle.flush()
             os.fsync(handle.fileno())
 
+    def truncate(self, path: str, size: int) -> None:
+        with open(self._p(path), "r+b") as handle:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def exists(self, path: str) -> bool:
         return self._p(path).exists()
 
@@ -141,7 +183,7 @@ class LocalStorage(Storage):
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def listdir(self, path: str) -> list[str]:
-        target = self._p(path)
+        target = Path(self.root) if path == "" else self._p(path)
         return sorted(p.name for p in target.iterdir()) if target.is_dir() else []
 
     def remove_tree(self, path: str) -> None:
@@ -149,9 +191,10 @@ class LocalStorage(Storage):
 
         target = self._p(path)
         if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+            # another process may delete entries meanwhile (a concurrent gc): absent is the goal, not an error
+            shutil.rmtree(target, onerror=_ignore_absent)
+        else:
+            target.unlink(missing_ok=True)
 
     def makedirs(self, path: str) -> None:
         self._p(path).mkdir(parents=True, exist_ok=True)
@@ -176,6 +219,11 @@ class LocalStorage(Storage):
                     self._lock_file = None
 
 
+def _ignore_absent(_func: Any, _path: str, exc_info: Any) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -196,13 +244,19 @@ class FsspecStorage(Storage):
     def __init__(self, url: str) -> None:
         import fsspec
 
-        self.fs, path = fsspec.core.url_to_fs(url)
+        try:
+            self.fs, path = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as err:
+            raise BankError(
+                f"Cannot open a bank at {url}: {err}. Use a local directory or an fsspec URL whose protocol is "
+                "installed (memory://, s3:// with s3fs, gs:// with gcsfs ...)."
+            ) from err
         self.root = url
         self._base = path.rstrip("/")
         self._lock = _URL_LOCKS.setdefault(url, threading.RLock())
 
     def _p(self, path: str) -> str:
-        return f"{self._base}/{path}"
+        return f"{self._base}/{'/'.join(_parts(path))}"
 
     def read(self, path: str) -> bytes:
         try:
@@ -240,6 +294,9 @@ class FsspecStorage(Storage):
             old = self.read(path) if self.exists(path) else b""
             self.write_atomic(path, old + data)
 
+    def truncate(self, path: str, size: int) -> None:
+        self.write_atomic(path, self.read(path)[:size])
+
     def exists(self, path: str) -> bool:
         return bool(self.fs.exists(self._p(path)))
 
@@ -258,7 +315,7 @@ class FsspecStorage(Storage):
         return None if stamp is None else (info.get("size"), str(stamp), info.get("ETag"))
 
     def listdir(self, path: str) -> list[str]:
-        target = self._p(path)
+        target = self._base if path == "" else self._p(path)
         if not self.fs.isdir(target):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(target, detail=False))
