@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return float(trainer().test(module, datamodule, verbose=False)[0]["test_acc"])
 
     say(f"{npz}: scikit-learn digits; backbone {BACKBONE}, {args.kind} experts {expert}")
-    # Task2Vec-style shared probe: every task's Fisher is taken at the same random adapter (METHOD.md, stage 2)
+    # Task2Vec-style shared probe: every task's Fisher is taken at the same random adapter (docs/concepts.md, stage 2)
     probe = make_probe(BACKBONE, expert, bank)
 
     # ---- stage 1 and 2: source experts and their task embeddings

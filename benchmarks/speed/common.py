@@ -116,7 +116,7 @@ def randomize_expert(model: ExpertModel, name: str, seed: int) -> None:
 
 def pituning_model(setup: Setup, *, sources: int | None = None, dtype: torch.dtype | None = None) -> Classifier:
     """pituning's :class:`ExpertModel` with one LoRA expert (``sources=None``), or ``sources`` trained source experts
-    and a fresh target expert interpolated (METHOD.md stage 3: experts and logits train), under the same head as
+    and a fresh target expert interpolated (docs/concepts.md, stage 3: experts and logits train), under the same head as
     :func:`peft_model` (the head stays fp32 whatever ``dtype`` the frozen backbone has)."""
     experts = ExpertModel(backbone(setup, dtype=dtype))
     config = LoraConfig(r=setup.r, alpha=setup.alpha, target_modules=[LORA_TARGETS])

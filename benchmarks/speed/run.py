@@ -559,7 +559,8 @@ def main(argv: list[str] | None = None) -> None:
             f"method) is only {fisher['naive_loop_over_batch']:.2f}x faster than the naive loop here, and per-sample "
             f"costs {fisher['per_sample_over_batch']:.2f}x the batch estimator. A CPU core is already busy with one "
             "example of this length, so batching gains little; the >= 5x goal comes from GPUs, where one example "
-            "leaves the device idle (METHOD.md: 8.5x on an H100; `benchmarks/speed/gpu.py` measures it)."
+            "leaves the device idle (8.5x measured on an H100, docs/concepts.md; `benchmarks/speed/gpu.py` "
+            "measures it)."
         )
     results["loadavg_end"] = common.loadavg()
     results["wall_s"] = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Diagonal Fisher information of expert parameters: the task embedding (METHOD.md, stage 2), in plain torch.
+"""Diagonal Fisher information of expert parameters: the task embedding (docs/concepts.md, stage 2), in plain torch.
 
 ``F = E_x E_y [(d log p(y|x) / d theta)^2]``, one value per expert parameter, kept per parameter tensor. Estimators:
 

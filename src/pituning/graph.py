@@ -1,4 +1,4 @@
-"""Task similarity from Fisher task embeddings (METHOD.md, stage 2), in plain torch.
+"""Task similarity from Fisher task embeddings (docs/concepts.md, stage 2), in plain torch.
 
 A task embedding is the diagonal Fisher information of an expert's parameters, kept per parameter tensor:
 ``{tensor name: F}``. The similarity of tasks ``i`` and ``j`` is Task2Vec's symmetric normalised cosine, per tensor

@@ -1,4 +1,4 @@
-"""The math of interpolating a pool of experts (METHOD.md, stage 3), in plain torch.
+"""The math of interpolating a pool of experts (docs/concepts.md, stage 3), in plain torch.
 
 Interpolation weights are ``alpha = softmax(w)`` over learnable logits ``w``, one vector per insertion point,
 initialised equal. Every expert kind interpolates something linear in its parameters, so the interpolated pool

@@ -1,4 +1,4 @@
-"""Each expert computes exactly what METHOD.md says, checked against formulas written out by hand."""
+"""Each expert computes exactly what docs/concepts.md states, checked against formulas written out by hand."""
 
 from __future__ import annotations
 

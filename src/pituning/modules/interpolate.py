@@ -66,8 +66,8 @@ def rank_by_few_shot_loss(
 ) -> list[tuple[str, float]]:
     """Rank source experts by their loss on the target's labelled shots, each with its own head (lowest first).
 
-    A direct transfer predictor for the few-shot case (METHOD.md, "Ranking predictor"): the score returned is the
-    negative mean cross-entropy, so higher is better, like a similarity. Sources whose head does not fit the
+    A direct transfer predictor for the few-shot case (docs/concepts.md, "A direct predictor"): the score returned is
+    the negative mean cross-entropy, so higher is better, like a similarity. Sources whose head does not fit the
     target's classes are left out.
     """
     from torch.nn import functional as F

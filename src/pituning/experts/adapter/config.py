@@ -20,8 +20,9 @@ class AdapterConfig(ExpertConfig):
     """A bottleneck adapter: ``out = y + s * (W_up act(W_down y + b_down) + b_up)`` on a module's output ``y``.
 
     By default two per layer: after the attention output projection and after the feed-forward output projection,
-    each before the residual add (METHOD.md, stage 1); on a CNN, after each block. With ``zero_init_up`` (default,
-    Houlsby) the adapter is an exact identity at init; otherwise ``W_up`` is ``N(0, init_std)`` like the released code.
+    each before the residual add (docs/concepts.md, stage 1); on a CNN, after each block. With ``zero_init_up``
+    (default, Houlsby) the adapter is an exact identity at init; otherwise ``W_up`` is ``N(0, init_std)`` like the
+    released code.
 
     Example:
         >>> AdapterConfig(bottleneck=64).activation

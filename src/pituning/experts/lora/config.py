@@ -16,7 +16,8 @@ __all__ = ["LoraConfig"]
 class LoraConfig(ExpertConfig):
     """A LoRA expert: ``W x + (alpha / r) * B A x``, A random and B zero at init (an identity at init).
 
-    By default it targets the attention query, key, value and output projections of every layer (METHOD.md, stage 1).
+    By default it targets the attention query, key, value and output projections of every layer (docs/concepts.md,
+    stage 1).
 
     Example:
         >>> LoraConfig(r=8, alpha=16).scaling

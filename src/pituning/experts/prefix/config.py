@@ -15,7 +15,7 @@ __all__ = ["PrefixConfig"]
 @dataclass
 class PrefixConfig(ExpertConfig):
     """A prefix expert: per self-attention layer, ``num_tokens`` learned key and value vectors prepended to the
-    attention's keys and values (METHOD.md, stage 1). Every query attends to them; they have no position.
+    attention's keys and values (docs/concepts.md, stage 1). Every query attends to them; they have no position.
 
     Only transformer backbones host prefixes (modules that dispatch through ``transformers``' attention interface,
     with the ``eager`` or ``sdpa`` implementation).
