@@ -2,8 +2,9 @@
 
 Local writes go to a temporary file in the same directory, are fsynced, renamed over the target and the directory is
 fsynced, so a reader sees the old or the new file, never a partial one. A lock file serialises writers across
-processes (``fcntl.flock``). fsspec URLs (``memory://``, object stores) get write-then-move and an in-process lock only:
-object stores offer no cross-process lock, so one writer at a time is the user's job there.
+processes (``filelock``: ``flock`` on POSIX, ``msvcrt`` locking on Windows). fsspec URLs (``memory://``, object
+stores) get write-then-move and an in-process lock only: object stores offer no cross-process lock, so one writer at a
+time is the user's job there.
 
 Every path is relative to the bank root and checked before use: no absolute path, no ``..``, and (locally) no symlink
 that resolves outside the root, so nothing a bank file says can make a read or a delete reach outside the bank.
@@ -19,14 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from pituning.errors import BankError
 
 __all__ = ["FsspecStorage", "LocalStorage", "Storage", "open_storage"]
-
-try:  # POSIX
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 
 class Storage:
@@ -117,7 +115,7 @@ class LocalStorage(Storage):
         self.root = str(resolved)
         self._thread_lock = _LOCAL_LOCKS.setdefault(self.root, threading.RLock())
         self._held = 0
-        self._lock_file: Any = None
+        self._file_lock: Any = None
 
     def _p(self, path: str) -> Path:
         target = Path(self.root, *_parts(path))
@@ -204,19 +202,19 @@ class LocalStorage(Storage):
         with self._thread_lock:
             if self._held == 0:
                 Path(self.root).mkdir(parents=True, exist_ok=True)
-                self._lock_file = open(Path(self.root, ".lock"), "a+b")  # noqa: SIM115 - held across the block
-                if fcntl is not None:
-                    fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
+                self._file_lock = FileLock(
+                    str(Path(self.root, ".lock")), thread_local=False, preserve_lock_file=True
+                )  # the file stays: deleting it would let two processes lock two different files
+                self._file_lock.acquire()
             self._held += 1
             try:
                 yield
             finally:
                 self._held -= 1
                 if self._held == 0:
-                    if fcntl is not None:
-                        fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
-                    self._lock_file.close()
-                    self._lock_file = None
+                    assert self._file_lock is not None
+                    self._file_lock.release()
+                    self._file_lock = None
 
 
 def _ignore_absent(_func: Any, _path: str, exc_info: Any) -> None:
