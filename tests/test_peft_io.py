@@ -36,7 +36,12 @@ def test_export_collapsed_lora_loads_in_peft_with_equal_outputs(fam: str, tmp_pa
     bank = ExpertBank(tmp_path / "bank")
     bank.add(Expert.from_model(model, "ab", TaskInfo("ab")))
     out = bank.export_peft("ab", tmp_path / "peft")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "pituning.json",
+    ]
     peft_model = peft.PeftModel.from_pretrained(family.build().model.eval(), str(out))
     inputs = family.inputs(torch.Generator().manual_seed(1))
     with torch.no_grad():

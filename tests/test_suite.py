@@ -17,7 +17,6 @@ from pituning.suite import (
     expert_quality,
     make_probe,
     paired_difference,
-    run_suite,
 )
 
 
@@ -81,11 +80,18 @@ def test_paired_difference_needs_pairs() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("embed_examples", 0, "embed_examples must be at least 1"), ("collapsed_sources", "ignore", "warn, exclude or")],
+    [
+        ("embed_examples", 0, "embed_examples must be at least 1"),
+        ("collapsed_sources", "ignore", r"collapsed_sources must be one of \['warn', 'exclude', 'error'\]"),
+        ("data", {"shots_per_class": 4}, r"data options \['shots_per_class'\] are set by the suite"),
+        ("interpolation", {"k": 3}, "Unknown interpolation option.*'k'.*move it to the top level"),
+        ("module", {"lrr": 0.1}, r"'lrr' \(did you mean 'lr'\?\)"),
+        ("k", 2, "k=2 but the suite has only 1 source"),
+        ("baselines", ["oracle"], "baselines"),
+    ],
 )
 def test_run_suite_checks_its_config_before_any_work(tmp_path: Path, field: str, value: object, message: str) -> None:
     sources = [TaskSpec("a", "a.jsonl")]
-    cfg = SuiteConfig("no-such-backbone", "x.Y", sources, [], k=1, output=str(tmp_path / "run"), **{field: value})
-    with pytest.raises(ConfigError, match=message):
-        run_suite(cfg)
+    with pytest.raises(ConfigError, match=message):  # the typed config refuses it when built, before any work
+        SuiteConfig("no-such-backbone", "x.Y", sources, [], output=str(tmp_path / "run"), **{"k": 1, field: value})
     assert not (tmp_path / "run").exists()  # nothing written, no backbone loaded

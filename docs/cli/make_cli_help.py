@@ -31,6 +31,7 @@ PLAIN = {
     "bank-show": ["bank", "show"],
     "bank-remove": ["bank", "remove"],
     "bank-verify": ["bank", "verify"],
+    "bank-recover": ["bank", "recover"],
     "bank-import-peft": ["bank", "import-peft"],
     "bank-export-peft": ["bank", "export-peft"],
 }

@@ -940,14 +940,20 @@ class ExpertBank:
         removed again), so a bad adapter never reaches the bank.
         """
         from pituning.errors import PiTuningError
-        from pituning.peft_io import imported_metadata, lora_from_peft, prefix_from_peft, read_peft_config
+        from pituning.peft_io import imported_metadata, lora_from_peft, prefix_from_peft, read_peft_config, read_sidecar
 
         validate_name(name)
         cfg = read_peft_config(adapter_dir)
+        sidecar = read_sidecar(adapter_dir) or {}
         peft_type = cfg["peft_type"]
         config: ExpertConfig
         if peft_type == "LORA":
-            config, state = lora_from_peft(adapter_dir, {n for n, _ in model.backbone.named_modules()})
+            config, state = lora_from_peft(
+                adapter_dir,
+                {n for n, _ in model.backbone.named_modules()},
+                backbone=model.backbone,
+                base_heads=sidecar.get("peft", {}).get("head_from_base", []),
+            )
         elif peft_type == "PREFIX_TUNING":
             config, state = prefix_from_peft(adapter_dir, model.info.names("self_attn"))
         else:
@@ -1326,8 +1332,8 @@ def _lora_delta_average(experts: Sequence[Expert], w: Tensor) -> tuple[dict[str,
         prefix = key[: -len("lora_A")]
         a, b = lora_concat([e.state[key] for e in experts], [e.state[prefix + "lora_B"] for e in experts], coef)
         state[key], state[prefix + "lora_B"] = a, b
-    rank = sum(c.r for c in configs)  # type: ignore[attr-defined]
-    return state, configs[0].replace(r=rank, alpha=float(rank))
+    # the one collapse rule (rank sum r_i, alpha = rank); the stored average keeps the first expert's dropout
+    return state, LoraConfig.collapsed(configs).replace(dropout=configs[0].dropout)  # type: ignore[attr-defined]
 
 
 def sync_experts_(target: ExpertModel | Expert | Sequence[Expert], names: Sequence[str] | None = None) -> None:

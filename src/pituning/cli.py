@@ -8,8 +8,8 @@ Trainer stages (LightningCLI: ``--config file.yaml``, ``--model.*``, ``--data.*`
 - ``pituning evaluate``: test a stored expert (``--model.init_from NAME``).
 
 Plain commands: ``pituning graph``, ``pituning export``, ``pituning run --config suite.yaml`` and
-``pituning bank list | show | remove | verify | import-peft | export-peft``. ``main(args)`` is callable from tests
-and returns the exit status.
+``pituning bank list | show | remove | verify | recover | import-peft | export-peft``. ``main(args)`` is callable from
+tests and returns the exit status.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
-from pituning.errors import ConfigError, PiTuningError
-from pituning.suite import SuiteConfig, TaskSpec
+from pituning.config import SuiteConfig
+from pituning.errors import BankError, ConfigError, PiTuningError
 
 __all__ = ["build_parser", "main"]
 
@@ -91,9 +91,22 @@ def build_parser() -> ArgumentParser:
     remove.add_argument("name", help="Expert name.")
     sub.add_subcommand("remove", remove, help="Delete one expert.")
 
-    verify = _bank_parser("Re-check every file's sha256; exit 1 on any problem.")
-    verify.add_argument("--gc", action="store_true", help="Also delete folders left by interrupted writes.")
+    verify = _bank_parser(
+        "Re-check the manifest, the journal and every file's sha256; exit 1 on any problem. Warnings list what gc "
+        "removes (interrupted writes, temporary files, damaged cache) and intact experts that recover registers."
+    )
+    verify.add_argument(
+        "--gc",
+        action="store_true",
+        help="Also delete what is provably abandoned (never an intact expert; nothing on a damaged bank).",
+    )
     sub.add_subcommand("verify", verify, help="Verify every checksum.")
+
+    recover = _bank_parser(
+        "Rebuild a damaged bank's manifest from its intact records and expert folders; the old manifest and journal "
+        "are kept under backup/."
+    )
+    sub.add_subcommand("recover", recover, help="Rebuild a damaged bank.")
 
     imp = _bank_parser("Import a PEFT LoRA or prefix-tuning adapter directory as an expert.")
     imp.add_argument("adapter_dir", help="PEFT directory (adapter_config.json + adapter_model.safetensors).")
@@ -103,12 +116,27 @@ def build_parser() -> ArgumentParser:
     imp.add_argument("--task", default=None, help="Task name (default: the expert name).")
     imp.add_argument("--modality", default="text", help="Task modality.")
     imp.add_argument("--overwrite", action="store_true", help="Replace an expert of the same name.")
+    imp.add_argument(
+        "--backbone-description",
+        default=None,
+        help="Where experts go in a family without a preset: a BackboneDescription as a JSON/YAML object or a path "
+        'to a JSON/YAML file, e.g. \'{"family": "bart", "roles": {"query": "..."}}\'.',
+    )
     sub.add_subcommand("import-peft", imp, help="Import a PEFT adapter.")
 
     exp = _bank_parser("Export a LoRA (or prefix) expert as a PEFT adapter directory.")
     exp.add_argument("name", help="Expert name.")
     exp.add_argument("out_dir", help="New directory to write.")
     exp.add_argument("--num-attention-heads", type=int, default=None, help="Key/value heads (prefix experts only).")
+    exp.add_argument(
+        "--task-class", default=None, help="transformers class to load into (BertForSequenceClassification, ...)."
+    )
+    exp.add_argument(
+        "--task-type", default=None, help="PEFT task type instead (SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM, ...)."
+    )
+    exp.add_argument(
+        "--base-model", default=None, help="base_model_name_or_path to write (default: the backbone's directory)."
+    )
     sub.add_subcommand("export-peft", exp, help="Export as a PEFT adapter.")
 
     return parser
@@ -120,11 +148,53 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _backbone_description(value: str | None) -> Any:
+    """``--backbone-description``: a JSON/YAML object, or a path to a JSON/YAML file, of
+    :class:`~pituning.backbones.BackboneDescription` fields; ``None`` when not given."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    import yaml
+
+    from pituning.backbones import BackboneDescription
+
+    text, where = value, "--backbone-description"
+    if not value.lstrip().startswith("{") and Path(value).is_file():
+        text, where = Path(value).read_text(), value
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not a JSON/YAML object ({err}).") from err
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where} must be a JSON/YAML object of BackboneDescription fields (family, roles, lora_roles, ...) or a "
+            "file holding one."
+        )
+    try:
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return BackboneDescription(**fields)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}; the fields are those of BackboneDescription.") from err
+
+
 def _run_bank(cfg: Namespace) -> int:
     from pituning.bank import ExpertBank, TaskInfo
 
     action = cfg.action
     opts = cfg[action]
+    if action == "recover":
+        report = ExpertBank.recover(opts.bank)
+        for line in report.dropped:
+            print(f"dropped damaged record: {line}")
+        for line in report.skipped:
+            print(f"not registered: {line}")
+        for name in report.registered:
+            print(f"registered {name}")
+        if report.backup:
+            print(f"the previous manifest and journal are in {report.backup}")
+        print(f"{report.entries} expert(s) in {opts.bank}")
+        return 0
     bank = ExpertBank(opts.bank, create=action == "import-peft")
     if action == "list":
         entries = bank.list(modality=opts.modality, kind=opts.kind, task=opts.task, backbone=opts.backbone)
@@ -166,24 +236,39 @@ def _run_bank(cfg: Namespace) -> int:
         problems, warnings = bank.verify()
         for line in warnings:
             print(f"warning: {line}")
+        for line in problems:
+            print(f"problem: {line}")
+        try:
+            checked = len(bank)
+        except BankError:  # verify reported the damaged manifest or journal; gc never runs on such a bank
+            print("the manifest or journal is damaged, so nothing was deleted; `pituning bank recover` repairs it")
+            return 1
         if opts.gc:
             for folder in bank.gc():
                 print(f"removed {folder}")
-        for line in problems:
-            print(f"problem: {line}")
-        print(f"{len(bank)} expert(s) checked, {len(problems)} problem(s)")
+        print(f"{checked} expert(s) checked, {len(problems)} problem(s)")
         return 1 if problems else 0
     if action == "import-peft":
         from pituning.backbones import load_backbone
         from pituning.model import ExpertModel
+        from pituning.peft_io import read_peft_config
 
-        model = ExpertModel(load_backbone(opts.backbone, task=opts.backbone_task))
+        read_peft_config(opts.adapter_dir)  # a broken adapter stops before a (large) backbone is loaded
+        description = _backbone_description(opts.backbone_description)
+        model = ExpertModel(load_backbone(opts.backbone, task=opts.backbone_task, description=description))
         task = TaskInfo(name=opts.task or opts.name, modality=opts.modality)
         expert = bank.import_peft(opts.adapter_dir, model, opts.name, task, overwrite=opts.overwrite)
         print(f"imported {expert.name} ({expert.config.kind}) into {bank.location}")
         return 0
     if action == "export-peft":
-        out = bank.export_peft(opts.name, opts.out_dir, num_attention_heads=opts.num_attention_heads)
+        out = bank.export_peft(
+            opts.name,
+            opts.out_dir,
+            num_attention_heads=opts.num_attention_heads,
+            task_class=opts.task_class,
+            task_type=opts.task_type,
+            base_model_name_or_path=opts.base_model,
+        )
         print(f"wrote {out}")
         return 0
     raise AssertionError(action)  # pragma: no cover - the parser only allows the actions above
@@ -270,10 +355,8 @@ def _run_export(opts: Namespace) -> int:
 def _run_suite(opts: Namespace) -> int:
     from pituning.suite import run_suite
 
-    values = {k: v for k, v in dict(opts).items() if k != "config" and not k.startswith("__")}
-    values["sources"] = [t if isinstance(t, TaskSpec) else TaskSpec(**dict(t)) for t in values["sources"]]
-    values["targets"] = [t if isinstance(t, TaskSpec) else TaskSpec(**dict(t)) for t in values["targets"]]
-    run_suite(SuiteConfig(**values))
+    values = {k: v for k, v in vars(opts).items() if k != "config" and not k.startswith("__")}
+    run_suite(SuiteConfig(**values))  # checks every field before anything loads
     return 0
 
 
@@ -283,15 +366,16 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in STAGES:
             return _run_stage(argv[0], argv[1:])
-        cfg = build_parser().parse_args(argv)
+        parser = build_parser()
+        cfg = parser.parse_args(argv)
         if cfg.command == "bank":
             return _run_bank(cfg.bank)
         if cfg.command == "graph":
             return _run_graph(cfg.graph)
         if cfg.command == "export":
             return _run_export(cfg.export)
-        if cfg.command == "run":
-            return _run_suite(cfg.run)
+        if cfg.command == "run":  # the typed configs (module, interpolation, tasks) built by jsonargparse
+            return _run_suite(parser.instantiate(cfg).run)
     except PiTuningError as err:
         print(f"pituning: error: {err}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from pituning.errors import BankError
 
-__all__ = ["FsspecStorage", "LocalStorage", "Storage", "open_storage"]
+__all__ = ["FsspecStorage", "LocalStorage", "Storage", "open_storage", "write_file_atomic"]
 
 
 class Storage:
@@ -105,7 +105,12 @@ class LocalStorage(Storage):
     def __init__(self, root: str | Path) -> None:
         if not str(root).strip():
             raise BankError("The bank location is empty; pass a directory (for example runs/bank) or an fsspec URL.")
-        resolved = Path(root).expanduser().resolve()
+        try:
+            resolved = Path(root).expanduser().resolve()
+        except (ValueError, RuntimeError, OSError) as err:  # a NUL byte, an unknown ~user, a loop of links
+            raise BankError(
+                f"Bank location {str(root)!r} is not a usable path ({err}); pass a plain directory."
+            ) from err
         for parent in (resolved, *resolved.parents):
             if parent.exists() and not parent.is_dir():
                 where = "is a file" if parent == resolved else f"is under {parent}, which is a file"
@@ -136,19 +141,7 @@ class LocalStorage(Storage):
             return handle.read()
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        target = self._p(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        write_file_atomic(self._p(path), data)
 
     def append(self, path: str, data: bytes) -> None:
         target = self._p(path)
@@ -215,6 +208,24 @@ class LocalStorage(Storage):
                     assert self._file_lock is not None
                     self._file_lock.release()
                     self._file_lock = None
+
+
+def write_file_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to the local file ``path`` so that a reader (or a crash) never sees a partial file: a temporary
+    file in the same directory, fsynced, renamed over ``path``, then the directory fsynced."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
 
 
 def _ignore_absent(_func: Any, _path: str, exc_info: Any) -> None:

@@ -94,7 +94,7 @@ def test_run_suite(
                        target_epochs=2, embed_examples=40)  # fmt: skip
     assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
     recipes = json.loads((tmp_path / "run" / "sources.json").read_text())
-    assert {r["embedded_examples"] for r in recipes.values()} == {40}  # not the 96 the experts trained on
+    assert {r["result"]["embedded_examples"] for r in recipes.values()} == {40}  # not the 96 the experts trained on
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["rows"]) == 1 and set(results["rows"][0]["sources"]) == {"close", "far1"}
     assert results["machine"]["torch"] and results["date"].startswith("20")  # where and when it was measured
@@ -132,9 +132,10 @@ def test_run_suite_collapsed_sources(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A source that only predicts its majority class is flagged, excluded from the candidates, or stops the run."""
+    import pituning.pipeline
     import pituning.suite
 
-    real = pituning.suite.evaluate_quality
+    real = pituning.pipeline.evaluate_quality
 
     def far1_collapses(module: object, dataloader: object) -> pituning.suite.ExpertQuality:
         share = real(module, dataloader).true_majority_share  # the check runs; its verdict is set here
@@ -142,7 +143,7 @@ def test_run_suite_collapsed_sources(
             return pituning.suite.ExpertQuality(1.0, share, share)
         return pituning.suite.ExpertQuality(share, 1.0, share)
 
-    monkeypatch.setattr(pituning.suite, "evaluate_quality", far1_collapses)
+    monkeypatch.setattr(pituning.pipeline, "evaluate_quality", far1_collapses)
     data = {"tokenizer": tiny_backbone, "max_length": 16, "batch_size": 16, "max_train_examples": 48}
     suite = tiny_suite(tiny_backbone, tasks, tmp_path / "run", data=data, k=1, shots=4, baselines=[],
                        collapsed_sources="exclude")  # fmt: skip

@@ -5,6 +5,10 @@ registered on that module under the kind's attribute (``pi_lora``, ``pi_adapter`
 number of named experts (parameters in ``ParameterDict``\\ s keyed by expert name, so parameter names read
 ``<module>.pi_lora.lora_A.<expert>``), an *active set*, and optionally an *interpolation pool* with its learnable
 logits ``<module>.pi_lora.lora_logits``. The backbone's own modules and parameter names never change.
+
+A kind is one call to :func:`register_expert_kind`, which ties its name, config class, host class and host attribute
+(the *prefix*) together; generic code (injection, loading, collapse, :func:`config_from_dict`) asks the registry and the
+classes instead of naming kinds.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +32,10 @@ __all__ = [
     "EXPERT_KINDS",
     "ExpertConfig",
     "ExpertHost",
+    "ExpertKind",
     "config_from_dict",
+    "expert_kind",
+    "host_key_pattern",
     "iter_hosts",
     "register_expert_kind",
     "validate_name",
@@ -35,8 +43,14 @@ __all__ = [
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
 
-#: kind name -> config class; filled by :func:`register_expert_kind`.
-EXPERT_KINDS: dict[str, type[ExpertConfig]] = {}
+#: The registry: kind name -> config class, in registration order (written only by :func:`register_expert_kind`).
+_CONFIGS: dict[str, type[ExpertConfig]] = {}
+
+#: Read-only view of the registry: kind name -> config class (live: kinds registered later appear in it).
+EXPERT_KINDS: Mapping[str, type[ExpertConfig]] = MappingProxyType(_CONFIGS)
+
+#: Every host attribute starts with this, so generic code (fingerprints, BitFit) can tell expert parameters apart.
+HOST_PREFIX = "pi_"
 
 
 def validate_name(name: str) -> str:
@@ -79,6 +93,24 @@ class ExpertConfig:
         """Roles of the backbone description this kind targets when ``target_modules`` is not set."""
         raise NotImplementedError
 
+    @classmethod
+    def collapsed(cls, configs: Sequence[ExpertConfig], rank: int | None = None) -> ExpertConfig:
+        """The config of the one plain expert that an interpolated pool of ``configs`` collapses into.
+
+        Args:
+            configs: the pool members' configs, in pool order (all of this kind).
+            rank: the rank asked of :func:`pituning.experts.collapse` (only kinds whose size it changes use it).
+
+        The default, for kinds whose collapse is the weighted parameter sum (adapter, prefix), is a copy of the first
+        config: the pool members share their shapes.
+
+        Raises:
+            ConfigError: ``configs`` is empty.
+        """
+        if not configs:
+            raise ConfigError(f"{cls.__name__}.collapsed needs at least one config (the pool is empty).")
+        return configs[0].replace()
+
     def resolve_targets(self, model: nn.Module, info: BackboneInfo) -> list[str]:
         """Names of the modules this expert attaches to, in model order.
 
@@ -110,12 +142,168 @@ class ExpertConfig:
         return names
 
 
-def register_expert_kind(cls: type[ExpertConfig]) -> type[ExpertConfig]:
-    """Class decorator that registers an expert config class under its ``kind``."""
-    if not cls.kind:
-        raise TypeError(f"{cls.__name__} must set the class attribute 'kind'")
-    EXPERT_KINDS[cls.kind] = cls
-    return cls
+_C = TypeVar("_C", bound="type[ExpertConfig]")
+
+
+@dataclass(frozen=True)
+class ExpertKind:
+    """One registered kind as the registry sees it (:func:`expert_kind`)."""
+
+    kind: str
+    """The kind's name (``"lora"``), the ``kind`` of its configs and hosts and of ``to_dict()`` output."""
+    config: type[ExpertConfig]
+    """The config class."""
+    host: type[ExpertHost] | None
+    """The host class (``None`` only for a config registered alone whose ``host_cls`` is not set yet)."""
+    prefix: str | None
+    """The host attribute on a target module (``"pi_lora"``), which appears in every parameter and state-dict key."""
+
+
+def _own(cls: type, attr: str) -> Any:
+    """``attr`` as ``cls`` itself declares it (not inherited), or ``None``."""
+    return cls.__dict__.get(attr)
+
+
+@overload
+def register_expert_kind(cls: _C, /, *, override: bool = ...) -> _C: ...
+
+
+@overload
+def register_expert_kind(
+    *, kind: str, config: _C, host: type[ExpertHost], prefix: str | None = ..., override: bool = ...
+) -> _C: ...
+
+
+def register_expert_kind(
+    cls: _C | None = None,
+    /,
+    *,
+    kind: str | None = None,
+    config: _C | None = None,
+    host: type[ExpertHost] | None = None,
+    prefix: str | None = None,
+    override: bool = False,
+) -> _C:
+    """Register an expert kind: its name, config class, host class and host attribute, in one call.
+
+    ::
+
+        register_expert_kind(kind="lora", config=LoraConfig, host=LoraHost, prefix="pi_lora")
+
+    The call sets ``config.kind``, ``config.host_cls``, ``host.kind`` and ``host.attr``, so the classes need not (a
+    value they declare themselves must agree). From then on :func:`config_from_dict`, :func:`host_key_pattern` and the
+    functions of :mod:`pituning.experts.inject` handle the kind without naming it.
+
+    The older decorator form, ``@register_expert_kind`` on a config class that sets ``kind`` (its ``host_cls`` set
+    later), still registers the config alone.
+
+    Args:
+        cls: (decorator form) a config class with its ``kind`` set.
+        kind: the kind's name, a Python identifier (it names the interpolation logits, ``<kind>_logits``).
+        config: the config class, a dataclass subclass of :class:`ExpertConfig`.
+        host: the host class, a subclass of :class:`ExpertHost`.
+        prefix: the host attribute; default ``pi_<kind>``. It must start with ``pi_``, which marks expert parameters
+            for the backbone fingerprint and BitFit.
+        override: replace a kind registered under the same name (tests, reloading a plugin).
+
+    Returns:
+        The config class (so the decorator form keeps the class).
+
+    Raises:
+        ConfigError: the kind, prefix, config class or host class is already registered (for another kind), an
+            invalid kind or prefix, or a class that declares another kind or prefix.
+        TypeError: ``config`` or ``host`` is not a subclass of :class:`ExpertConfig` / :class:`ExpertHost`.
+    """
+    if cls is not None:
+        if kind is not None or config is not None or host is not None or prefix is not None:
+            raise TypeError("register_expert_kind takes a config class or keyword arguments, not both")
+        if not cls.kind:
+            raise TypeError(f"{cls.__name__} must set the class attribute 'kind'")
+        _check_new_kind(cls.kind, cls, None, None, override)
+        _CONFIGS[cls.kind] = cls
+        return cls
+    if kind is None or config is None or host is None:
+        raise TypeError("register_expert_kind(kind=..., config=..., host=...) needs all three")
+    if not (isinstance(config, type) and issubclass(config, ExpertConfig) and dataclasses.is_dataclass(config)):
+        raise TypeError(f"config must be a dataclass subclass of ExpertConfig, got {config!r}")
+    if not (isinstance(host, type) and issubclass(host, ExpertHost)):
+        raise TypeError(f"host must be a subclass of ExpertHost, got {host!r}")
+    if not isinstance(kind, str) or not kind.isidentifier():
+        raise ConfigError(f"An expert kind must be a Python identifier such as 'lora', got {kind!r}.")
+    prefix = f"{HOST_PREFIX}{kind}" if prefix is None else prefix
+    if not isinstance(prefix, str) or not prefix.isidentifier() or not prefix.startswith(HOST_PREFIX):
+        raise ConfigError(
+            f"The prefix of expert kind {kind!r} must be an identifier starting with {HOST_PREFIX!r} (expert "
+            f"parameters are told apart by it), got {prefix!r}; e.g. prefix='{HOST_PREFIX}{kind}'."
+        )
+    _check_new_kind(kind, config, host, prefix, override)
+    for klass, attr, value in ((config, "kind", kind), (host, "kind", kind), (host, "attr", prefix)):
+        declared = _own(klass, attr)
+        if declared and declared != value:
+            raise ConfigError(
+                f"{klass.__name__} declares {attr}={declared!r} but is registered with {attr}={value!r}; drop the "
+                "class attribute or register it with the same value."
+            )
+    config.kind = kind
+    config.host_cls = host
+    host.kind = kind
+    host.attr = prefix
+    _CONFIGS[kind] = config
+    return config
+
+
+def _check_new_kind(
+    kind: str, config: type[ExpertConfig], host: type[ExpertHost] | None, prefix: str | None, override: bool
+) -> None:
+    """Raise :class:`ConfigError` if registering ``kind`` would clash with another registered kind."""
+    if kind in _CONFIGS and not override:
+        raise ConfigError(
+            f"Expert kind {kind!r} is already registered (config {_CONFIGS[kind].__name__}); choose another kind "
+            "name, or pass override=True to replace it."
+        )
+    for other in (expert_kind(k) for k in _CONFIGS if k != kind):
+        if other.config is config:
+            raise ConfigError(
+                f"{config.__name__} is already registered as the config of expert kind {other.kind!r}; a config class "
+                "serves one kind (subclass it for another)."
+            )
+        if host is not None and other.host is host:
+            raise ConfigError(
+                f"{host.__name__} is already registered as the host of expert kind {other.kind!r}; a host class "
+                "serves one kind (subclass it for another)."
+            )
+        if prefix is not None and other.prefix == prefix:
+            raise ConfigError(
+                f"Prefix {prefix!r} is already used by expert kind {other.kind!r}; give kind {kind!r} another prefix."
+            )
+
+
+def expert_kind(kind: str) -> ExpertKind:
+    """The registry's entry for ``kind``.
+
+    Raises:
+        ConfigError: ``kind`` is not registered.
+    """
+    if kind not in _CONFIGS:
+        raise ConfigError(f"Unknown expert kind {kind!r}; known kinds: {sorted(_CONFIGS)}.")
+    config = _CONFIGS[kind]
+    host: type[ExpertHost] | None = getattr(config, "host_cls", None)
+    return ExpertKind(kind=kind, config=config, host=host, prefix=host.attr if host is not None else None)
+
+
+def host_key_pattern() -> re.Pattern[str]:
+    """A regex that finds the host attribute of any registered kind in a parameter or state-dict key.
+
+    It searches for ``.<prefix>.`` (``.pi_lora.``, ``.pi_adapter.``, ...), built from the registered prefixes.
+
+    Example:
+        >>> bool(host_key_pattern().search("encoder.layer.0.attention.self.query.pi_lora.lora_A"))
+        True
+    """
+    prefixes = sorted({p for p in (expert_kind(k).prefix for k in _CONFIGS) if p}, key=lambda p: (-len(p), p))
+    if not prefixes:
+        return re.compile(r"(?!)")
+    return re.compile(r"\.(?:" + "|".join(re.escape(p) for p in prefixes) + r")\.")
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ExpertConfig:
@@ -126,9 +314,9 @@ def config_from_dict(data: Mapping[str, Any]) -> ExpertConfig:
     """
     data = dict(data)
     kind = data.pop("kind", None)
-    if kind not in EXPERT_KINDS:
-        raise ConfigError(f"Unknown expert kind {kind!r}; known kinds: {sorted(EXPERT_KINDS)}.")
-    cls = EXPERT_KINDS[kind]
+    if kind not in _CONFIGS:
+        raise ConfigError(f"Unknown expert kind {kind!r}; known kinds: {sorted(_CONFIGS)}.")
+    cls = _CONFIGS[kind]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
@@ -146,6 +334,9 @@ class ExpertHost(nn.Module, ABC):
     kind: ClassVar[str] = ""
     attr: ClassVar[str] = ""
     param_names: ClassVar[tuple[str, ...]] = ()
+    prepend_hook: ClassVar[bool] = False
+    """Run this host's forward hook before the module's other forward hooks (LoRA: its update is part of the module's
+    own output, which later hooks then see)."""
 
     def __init__(self, module_name: str) -> None:
         super().__init__()
@@ -213,7 +404,7 @@ class ExpertHost(nn.Module, ABC):
     def attach(self, module: nn.Module) -> None:
         """Register on ``module`` (submodule + forward hook)."""
         module.add_module(self.attr, self)
-        self._handle = module.register_forward_hook(self._forward_hook, prepend=self.kind == "lora")
+        self._handle = module.register_forward_hook(self._forward_hook, prepend=self.prepend_hook)
 
     def detach(self, module: nn.Module) -> None:
         """Undo :meth:`attach`."""
@@ -221,6 +412,12 @@ class ExpertHost(nn.Module, ABC):
             self._handle.remove()
             self._handle = None
         del module._modules[self.attr]
+
+    @classmethod
+    def release(cls, model: nn.Module, modules: Sequence[nn.Module]) -> None:
+        """Undo what attaching hosts of this kind changed outside them, on those of ``modules`` that no host of this
+        kind in ``model`` needs any more. Called after hosts of this kind on ``modules`` lost an expert or were
+        detached. Default: nothing (prefix hosts switch the attention implementation back)."""
 
     # ----------------------------------------------------------------- interpolation
     def check_compatible(self, pool: Sequence[str]) -> None:
@@ -264,7 +461,8 @@ class ExpertHost(nn.Module, ABC):
 
     @abstractmethod
     def collapse(self, rank: int | None = None) -> dict[str, Tensor]:
-        """Tensors of one plain expert equal to the current interpolation (``rank``: LoRA only)."""
+        """Tensors of one plain expert equal to the current interpolation (``rank``: LoRA only); its config is
+        :meth:`ExpertConfig.collapsed` of the pool's configs."""
 
     # ----------------------------------------------------------------- forward
     def selection(self) -> tuple[tuple[str, ...], Tensor | None]:

@@ -15,8 +15,14 @@ from torch import Tensor, nn
 
 from pituning.backbones import BackboneInfo
 from pituning.errors import ConfigError, ExpertError, InterpolationError, UnsupportedExpertError
-from pituning.experts.base import ExpertConfig, ExpertHost, iter_hosts, module_device, validate_name
-from pituning.experts.prefix.layer import PrefixHost, restore_attention
+from pituning.experts.base import (
+    ExpertConfig,
+    ExpertHost,
+    host_key_pattern,
+    iter_hosts,
+    module_device,
+    validate_name,
+)
 
 __all__ = [
     "active_experts",
@@ -56,12 +62,14 @@ def _hosts_of(model: nn.Module, name: str) -> list[tuple[str, nn.Module, ExpertH
     return hosts
 
 
-def _restore_attention_if_unused(model: nn.Module, modules: Iterable[nn.Module]) -> None:
-    """Switch prefix attention back on configs that no longer serve any prefix host."""
-    in_use = {id(getattr(mod, "config", None)) for _, mod, _ in iter_hosts(model, "prefix")}
-    for module in modules:
-        if id(getattr(module, "config", None)) not in in_use:
-            restore_attention(module)
+def _release(model: nn.Module, hosts: Iterable[tuple[nn.Module, ExpertHost]]) -> None:
+    """Let each host class undo its model-wide changes on the modules whose hosts lost an expert
+    (:meth:`ExpertHost.release`)."""
+    by_class: dict[type[ExpertHost], list[nn.Module]] = {}
+    for module, host in hosts:
+        by_class.setdefault(type(host), []).append(module)
+    for host_cls, modules in by_class.items():
+        host_cls.release(model, modules)
 
 
 def add_expert(
@@ -116,6 +124,7 @@ def add_expert(
             done.append((module, host, fresh))
             if fresh:
                 host.attach(module)
+                host.train(module.training)  # a new nn.Module starts in train mode: follow its host's mode
             if activate:
                 host.active = (*host.active, name)
     except BaseException:
@@ -130,7 +139,7 @@ def _rollback(model: nn.Module, name: str, done: Sequence[tuple[nn.Module, Exper
             host.remove(name)
         if fresh and module._modules.get(host.attr) is host:
             host.detach(module)
-    _restore_attention_if_unused(model, [m for m, h, _ in done if isinstance(h, PrefixHost)])
+    _release(model, [(m, h) for m, h, _ in done])
 
 
 def remove_expert(model: nn.Module, name: str) -> None:
@@ -140,7 +149,7 @@ def remove_expert(model: nn.Module, name: str) -> None:
         host.remove(name)
         if not host.configs:
             host.detach(module)
-    _restore_attention_if_unused(model, [m for _, m, h in hosts if isinstance(h, PrefixHost)])
+    _release(model, [(m, h) for _, m, h in hosts])
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -239,14 +248,9 @@ def collapse(model: nn.Module, name: str, *, rank: int | None = None, activate: 
     if not hosts:
         raise InterpolationError("Nothing to collapse: call start_interpolation(model, pool) first.")
     first = hosts[0][1]
-    base_config = first.configs[first.pool[0]]
+    pool_configs = [first.configs[n] for n in first.pool]
     tensors = [(mod, host, host.collapse(rank)) for mod, host in hosts]
-    if first.kind == "lora":
-        new_rank = rank if rank is not None else sum(first.configs[n].r for n in first.pool)  # type: ignore[attr-defined]
-        dropout = max(first.configs[n].dropout for n in first.pool)  # type: ignore[attr-defined]
-        config = base_config.replace(r=new_rank, alpha=float(new_rank), dropout=dropout)
-    else:
-        config = base_config.replace()
+    config = type(pool_configs[0]).collapsed(pool_configs, rank)
     for _, host, values in tensors:
         host.configs[name] = config
         for pname, value in values.items():
@@ -319,7 +323,8 @@ def load_expert(
             assert isinstance(host, ExpertHost)
             for pname, param in host.expert_tensors(name).items():
                 expected[f"{target}.{host_attr}.{pname}"] = param
-        other_kind = [k for k in state_dict if k not in expected and re.search(r"\.pi_(lora|adapter|prefix)\.", k)]
+        host_key = host_key_pattern()
+        other_kind = [k for k in state_dict if k not in expected and host_key.search(k)]
         other_kind = [k for k in other_kind if f".{host_attr}." not in k]
         if other_kind:
             raise ExpertError(

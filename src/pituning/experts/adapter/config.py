@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pituning.backbones import BackboneInfo
 from pituning.errors import ConfigError
-from pituning.experts.base import ExpertConfig, positive, register_expert_kind
+from pituning.experts.base import ExpertConfig, positive
 
 __all__ = ["ACTIVATIONS", "AdapterConfig"]
 
@@ -14,7 +14,6 @@ __all__ = ["ACTIVATIONS", "AdapterConfig"]
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
-@register_expert_kind
 @dataclass
 class AdapterConfig(ExpertConfig):
     """A bottleneck adapter: ``out = y + s * (W_up act(W_down y + b_down) + b_up)`` on a module's output ``y``.

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from pituning.backbones import output_dim
 from pituning.errors import InterpolationError
 from pituning.experts.adapter.config import AdapterConfig
-from pituning.experts.base import ExpertConfig, ExpertHost, unsupported
+from pituning.experts.base import ExpertConfig, ExpertHost, register_expert_kind, unsupported
 from pituning.interpolation import weighted_sum
 
 __all__ = ["AdapterHost"]
@@ -121,4 +121,4 @@ class AdapterHost(ExpertHost):
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
 
-AdapterConfig.host_cls = AdapterHost
+register_expert_kind(kind="adapter", config=AdapterConfig, host=AdapterHost, prefix="pi_adapter")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pituning.backbones import BackboneInfo
 from pituning.errors import ConfigError
-from pituning.experts.base import ExpertConfig, positive, register_expert_kind
+from pituning.experts.base import ExpertConfig, positive
 
 __all__ = ["LoraConfig"]
 
 
-@register_expert_kind
 @dataclass
 class LoraConfig(ExpertConfig):
     """A LoRA expert: ``W x + (alpha / r) * B A x``, A random and B zero at init (an identity at init).
@@ -50,3 +50,25 @@ class LoraConfig(ExpertConfig):
     def default_roles(self, info: BackboneInfo) -> tuple[str, ...]:
         desc = info.description
         return (*desc.lora_roles, *desc.lora_mlp_roles) if self.include_mlp else desc.lora_roles
+
+    @classmethod
+    def collapsed(cls, configs: Sequence[ExpertConfig], rank: int | None = None) -> ExpertConfig:
+        """The config of the LoRA an interpolated pool collapses into: rank ``rank``, or ``sum_i r_i`` (the ``A_i``
+        concatenated); ``alpha = rank`` (scaling 1: the ``B_i`` carry the weights and scalings); the largest dropout;
+        the other fields of the first config.
+
+        Example:
+            >>> LoraConfig.collapsed([LoraConfig(r=4, alpha=8), LoraConfig(r=2, dropout=0.1)])
+            LoraConfig(target_modules=None, r=6, alpha=6.0, dropout=0.1, include_mlp=False)
+
+        Raises:
+            ConfigError: ``configs`` is empty or holds a config of another kind.
+        """
+        if not configs:
+            raise ConfigError("LoraConfig.collapsed needs at least one config (the pool is empty).")
+        loras = [c for c in configs if isinstance(c, LoraConfig)]
+        if len(loras) != len(configs):
+            kinds = sorted({c.kind for c in configs})
+            raise ConfigError(f"LoraConfig.collapsed takes LoRA configs only, got kinds {kinds}.")
+        new_rank = rank if rank is not None else sum(c.r for c in loras)
+        return loras[0].replace(r=new_rank, alpha=float(new_rank), dropout=max(c.dropout for c in loras))

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pituning.backbones import feature_dims
-from pituning.experts.base import ExpertConfig, ExpertHost, unsupported
+from pituning.experts.base import ExpertConfig, ExpertHost, register_expert_kind, unsupported
 from pituning.experts.lora.config import LoraConfig
 from pituning.interpolation import lora_concat, lora_delta, svd_factorize
 
@@ -31,6 +31,7 @@ class LoraHost(ExpertHost):
     kind = "lora"
     attr = "pi_lora"
     param_names = ("lora_A", "lora_B")
+    prepend_hook = True  # the update belongs to the module's own output: hooks after it see it
 
     def __init__(self, module_name: str) -> None:
         super().__init__(module_name)
@@ -156,4 +157,4 @@ class LoraHost(ExpertHost):
             module.__dict__["_pi_inner_call"] = False
 
 
-LoraConfig.host_cls = LoraHost
+register_expert_kind(kind="lora", config=LoraConfig, host=LoraHost, prefix="pi_lora")

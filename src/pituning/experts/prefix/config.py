@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 from pituning.backbones import BackboneInfo
 from pituning.errors import ConfigError
-from pituning.experts.base import ExpertConfig, positive, register_expert_kind
+from pituning.experts.base import ExpertConfig, positive
 
 __all__ = ["PrefixConfig"]
 
 
-@register_expert_kind
 @dataclass
 class PrefixConfig(ExpertConfig):
     """A prefix expert: per self-attention layer, ``num_tokens`` learned key and value vectors prepended to the

@@ -10,7 +10,7 @@ the attention mask and any position bias (T5) with ``L`` always-visible columns,
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pituning.errors import ExpertError
-from pituning.experts.base import ExpertConfig, ExpertHost, unsupported
+from pituning.experts.base import ExpertConfig, ExpertHost, iter_hosts, register_expert_kind, unsupported
 from pituning.experts.prefix.config import PrefixConfig
 from pituning.interpolation import weighted_sum
 
@@ -158,6 +158,14 @@ class PrefixHost(ExpertHost):
     def detach(self, module: nn.Module) -> None:
         del module._modules[self.attr]
 
+    @classmethod
+    def release(cls, model: nn.Module, modules: Sequence[nn.Module]) -> None:
+        """Switch prefix attention back on the configs of ``modules`` that no prefix host in ``model`` uses any more."""
+        in_use = {id(getattr(mod, "config", None)) for _, mod, _ in iter_hosts(model, cls.kind)}
+        for module in modules:
+            if id(getattr(module, "config", None)) not in in_use:
+                restore_attention(module)
+
     def _prefix(self, pname: str) -> Tensor | None:
         names, alpha = self.selection()
         if not names:
@@ -219,4 +227,4 @@ class PrefixHost(ExpertHost):
         return key, value, mask, kwargs
 
 
-PrefixConfig.host_cls = PrefixHost
+register_expert_kind(kind="prefix", config=PrefixConfig, host=PrefixHost, prefix="pi_prefix")

@@ -1,0 +1,311 @@
+"""Typed configs of the pipeline: frozen dataclasses, one docstring per field, checked in ``__post_init__``.
+
+An option is validated once, where its config is built (a YAML file through jsonargparse, or Python), and travels as
+a typed field from there: a misspelt or misplaced option (a ``k`` under ``interpolation:``) is an error before any
+backbone loads, not after every source expert trained. The stages' LightningModules take the same options as keyword
+arguments (``**config.module_kwargs()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pituning.errors import ConfigError
+
+__all__ = [
+    "BASELINES",
+    "SUITE_SET_DATA_OPTIONS",
+    "EmbeddingConfig",
+    "InterpolationConfig",
+    "OptimConfig",
+    "SuiteConfig",
+    "TaskSpec",
+    "TaskType",
+    "check_choice",
+]
+
+TaskType = Literal["classification", "matching", "text_to_text"]
+"""What a task's head does: classify one input, match an input to a candidate text, or generate the label text."""
+
+SUITE_SET_DATA_OPTIONS = ("dataset", "task_name", "shots_per_class", "seed")
+"""DataModule options a suite sets itself, per task: never in a suite's shared ``data`` or a task's ``options``."""
+
+
+def check_choice(value: Any, option: str, choices: tuple[Any, ...]) -> None:
+    """Raise :class:`ConfigError` naming ``option`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {list(choices)}, got {value!r}.")
+
+
+def _positive(value: float, option: str, *, zero: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{option} must be {'>= 0' if zero else '> 0'}, got {value!r}.")
+
+
+def _fraction(value: float, option: str) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{option} must be in [0, 1), got {value!r}.")
+
+
+class _Kwargs:
+    """``module_kwargs()``: the fields as keyword arguments of a stage module."""
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """The fields as a dict (lists for tuples), to pass as keyword arguments."""
+        assert dataclasses.is_dataclass(self)
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Kwargs):
+    """How an expert (and its head) is trained: the options of ``ExpertTrainingModule`` a suite's ``module:`` sets."""
+
+    lr: float = 1e-3
+    """Learning rate of the expert (AdamW, linear warm-up then linear decay)."""
+    head_lr: float | None = None
+    """Learning rate of the task head (default: ``lr``)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases, norms or interpolation logits)."""
+    warmup_ratio: float = 0.06
+    """Share of the steps spent warming the learning rate up, in [0, 1)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy, in [0, 1)."""
+    dropout: float = 0.0
+    """Dropout before the task head, in [0, 1)."""
+    backbone_dtype: Literal["float32", "bfloat16"] | None = None
+    """Storage dtype of the frozen backbone (``bfloat16`` halves its memory; experts stay fp32)."""
+    attn_implementation: str | None = None
+    """Attention implementation of a Hugging Face backbone (``eager``, ``sdpa`` ...)."""
+
+    def __post_init__(self) -> None:
+        _positive(self.lr, "module.lr")
+        if self.head_lr is not None:
+            _positive(self.head_lr, "module.head_lr")
+        _positive(self.weight_decay, "module.weight_decay", zero=True)
+        _fraction(self.warmup_ratio, "module.warmup_ratio")
+        _fraction(self.label_smoothing, "module.label_smoothing")
+        _fraction(self.dropout, "module.dropout")
+        check_choice(self.backbone_dtype, "module.backbone_dtype", ("float32", "bfloat16", None))
+
+
+@dataclass(frozen=True)
+class InterpolationConfig(_Kwargs):
+    """How the pool is interpolated on a target: the options of ``InterpolationModule`` a suite's ``interpolation:``
+    sets. The number of sources is the suite's ``k``, never an interpolation option."""
+
+    mode: Literal["experts_and_weights", "weights_only"] = "experts_and_weights"
+    """Train the logits and every pool expert (the paper), or the logits only."""
+    target_init: Literal["fresh", "trained"] = "fresh"
+    """The target's expert in the pool: a fresh one, or the stored (already trained) one."""
+    logits_lr: float = 5e-2
+    """Learning rate of the interpolation logits."""
+    source_lr: float | None = None
+    """Learning rate of the source experts in the pool (default: the expert ``lr``; 0 freezes them)."""
+    weights_only_steps: int = 0
+    """Optimiser steps at the start during which only the logits (and the head) train."""
+    rescale: Literal["unit_mean", "none"] = "unit_mean"
+    """Fisher rescaling before the similarity that ranks the sources."""
+    predictor: Literal["fisher", "few_shot_loss"] = "fisher"
+    """How sources are ranked: Fisher similarity, or each source's loss on the target's shots."""
+    head_init: Literal["target", "best_source", "sources", "fresh"] = "target"
+    """Where the head starts: the target expert's, the top source's, the sources' average, or fresh."""
+    init_weights: tuple[float, ...] | None = None
+    """Initial mixture weights (k + 1 positive values: the sources in rank order, then the target); default equal."""
+    logits_data: Literal["train", "holdout"] = "train"
+    """Train the logits on every shot, or on a held-out third of them."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.mode, "interpolation.mode", ("experts_and_weights", "weights_only"))
+        check_choice(self.target_init, "interpolation.target_init", ("fresh", "trained"))
+        check_choice(self.rescale, "interpolation.rescale", ("unit_mean", "none"))
+        check_choice(self.predictor, "interpolation.predictor", ("fisher", "few_shot_loss"))
+        check_choice(self.head_init, "interpolation.head_init", ("target", "best_source", "sources", "fresh"))
+        check_choice(self.logits_data, "interpolation.logits_data", ("train", "holdout"))
+        _positive(self.logits_lr, "interpolation.logits_lr")
+        if self.source_lr is not None:
+            _positive(self.source_lr, "interpolation.source_lr", zero=True)
+        if not isinstance(self.weights_only_steps, int) or self.weights_only_steps < 0:
+            raise ConfigError(
+                f"interpolation.weights_only_steps must be an integer >= 0, got {self.weights_only_steps}."
+            )
+        if self.init_weights is not None:
+            object.__setattr__(self, "init_weights", tuple(float(w) for w in self.init_weights))
+            if min(self.init_weights) <= 0:  # type: ignore[arg-type]
+                raise ConfigError(f"interpolation.init_weights must all be > 0, got {list(self.init_weights)}.")
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Where and how task embeddings (diagonal Fisher) are taken."""
+
+    probe: str | None = "random"
+    """``random`` (one shared random expert), ``None`` (each task's own expert) or a bank expert name."""
+    estimator: Literal["per_sample", "loop", "batch", "sampled"] = "per_sample"
+    """Fisher estimator."""
+    examples: int | None = None
+    """Training examples of a source's Fisher pass (``None``: every example it was trained on)."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.estimator, "estimator", ("per_sample", "loop", "batch", "sampled"))
+        if self.examples is not None and (not isinstance(self.examples, int) or self.examples < 1):
+            raise ConfigError(
+                f"embed_examples must be at least 1 (or null for every training example), got {self.examples}."
+            )
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a suite."""
+
+    name: str
+    """Task and expert name (letters, digits, ``_``, ``-``)."""
+    dataset: str
+    """Dataset file, directory or name (the DataModule's ``dataset``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra DataModule options for this task only (``classes``, ``text_column`` ...)."""
+
+    def __post_init__(self) -> None:
+        from pituning.experts.base import validate_name
+
+        validate_name(self.name)
+        set_here = sorted(set(self.options) & set(SUITE_SET_DATA_OPTIONS))
+        if set_here:
+            raise ConfigError(
+                f"Task {self.name!r}: options {set_here} are set by the suite for each task (the dataset, the name, "
+                "and the suite's shots and seeds for targets); remove them from the task's options."
+            )
+
+
+BASELINES = ("best_source_init", "uniform_average")
+"""Baselines a suite can run beside π-Tuning on the same shots and epochs."""
+
+
+def _typed(value: Any, cls: type, option: str) -> Any:
+    """``value`` as a ``cls`` (a dict's keys checked, with a suggestion for a misspelt one)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a mapping of {cls.__name__} options, got {value!r}.")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        import difflib
+
+        hints = [
+            f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else repr(u)
+            for u in unknown
+        ]
+        where = (
+            " It is a suite option: move it to the top level." if "k" in unknown and option == "interpolation" else ""
+        )
+        raise ConfigError(f"Unknown {option} option(s) {', '.join(hints)}; valid options: {known}.{where}")
+    return cls(**value)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """A π-Tuning suite: sources, targets, expert kind, k, shots and seeds. Every field is checked when it is built,
+    before any backbone loads."""
+
+    backbone: str
+    """Hub name or local directory of the frozen backbone."""
+    data_class: str
+    """DataModule class: ``pituning.data.TextClassificationDataModule`` or another :class:`TaskDataModule`."""
+    sources: list[TaskSpec]
+    """Source tasks (full data, capped by ``data.max_train_examples``)."""
+    targets: list[TaskSpec]
+    """Target tasks (``shots`` per class)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """DataModule options shared by every task (``tokenizer``, ``batch_size``, ``max_length`` ...)."""
+    expert: dict[str, Any] = field(default_factory=lambda: {"kind": "lora", "r": 8, "alpha": 16})
+    """Expert config with its ``kind``."""
+    k: int = 3
+    """Sources interpolated per target."""
+    shots: int = 16
+    """Training examples per class of each target."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds (shots and initialisation); the test set is fixed per target."""
+    output: str = "outputs/run"
+    """Output folder: the bank, the graph, the results."""
+    module: OptimConfig = field(default_factory=OptimConfig)
+    """How experts and heads are trained (``lr``, ``weight_decay`` ...), in every stage."""
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    """How the pool is interpolated (``mode``, ``logits_lr``, ``weights_only_steps`` ...)."""
+    task_type: TaskType = "classification"
+    """What every task's head does: ``classification``, ``matching`` (dual encoders) or ``text_to_text`` (T5)."""
+    backbone_task: str = "base"
+    """Which head of the backbone checkpoint to load (``base``; ``seq2seq-lm`` for text-to-text)."""
+    source_epochs: int = 3
+    """Epochs of source expert training."""
+    target_epochs: int = 10
+    """Epochs of target training (alone, baselines and π-Tuning get the same)."""
+    probe: str | None = "random"
+    """Where Fisher embeddings are taken: ``random`` (one shared random expert), ``null`` (each task's own expert),
+    or a bank expert name."""
+    estimator: Literal["per_sample", "loop", "batch", "sampled"] = "per_sample"
+    """Fisher estimator."""
+    embed_examples: int | None = None
+    """Training examples of a source in its Fisher pass (a random subset of its training split; ``None``: all it was
+    trained on). The per-sample Fisher costs about one forward and backward per example, and a few hundred examples
+    give a stable embedding."""
+    precision: str = "32-true"
+    """Lightning precision (``bf16-mixed`` ...)."""
+    accelerator: str = "auto"
+    """Lightning accelerator."""
+    baselines: list[Literal["best_source_init", "uniform_average"]] = field(
+        default_factory=lambda: ["best_source_init", "uniform_average"]
+    )
+    """Extra baselines on the same shots and epochs: ``best_source_init`` (the top-ranked source expert and its
+    head, fine-tuned) and ``uniform_average`` (the parameter average of the top-k sources, fine-tuned)."""
+    devices: Any = 1
+    """Lightning devices."""
+    collapsed_sources: Literal["warn", "exclude", "error"] = "warn"
+    """What to do with a source expert that is no better than always predicting its majority class (checked on its
+    own test set right after training): ``warn`` (use it, flag it in the log and the results), ``exclude`` (leave it
+    out of every target's candidates) or ``error`` (stop with an ``ExpertError``)."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the plain forms (dicts from Python or JSON) once, here
+        set_(self, "module", _typed(self.module, OptimConfig, "module"))
+        set_(self, "interpolation", _typed(self.interpolation, InterpolationConfig, "interpolation"))
+        set_(self, "sources", [_typed(t, TaskSpec, "sources[]") for t in self.sources])
+        set_(self, "targets", [_typed(t, TaskSpec, "targets[]") for t in self.targets])
+        self.embedding  # noqa: B018 - checks estimator and embed_examples
+        check_choice(self.collapsed_sources, "collapsed_sources", ("warn", "exclude", "error"))
+        check_choice(self.task_type, "task_type", ("classification", "matching", "text_to_text"))
+        for baseline in self.baselines:
+            check_choice(baseline, "baselines[]", BASELINES)
+        names = [t.name for t in self.sources] + [t.name for t in self.targets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"Task names must be unique across sources and targets; {twice} appear twice.")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"k must be an integer >= 1 (the sources interpolated per target), got {self.k!r}.")
+        if self.k > len(self.sources):
+            raise ConfigError(f"k={self.k} but the suite has only {len(self.sources)} source task(s); lower k.")
+        if not isinstance(self.shots, int) or self.shots < 1:
+            raise ConfigError(f"shots must be an integer >= 1 (examples per class of each target), got {self.shots!r}.")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed, e.g. [0, 1, 2].")
+        for option in ("source_epochs", "target_epochs"):
+            if not isinstance(getattr(self, option), int) or getattr(self, option) < 1:
+                raise ConfigError(f"{option} must be an integer >= 1, got {getattr(self, option)!r}.")
+        set_here = sorted(set(self.data) & set(SUITE_SET_DATA_OPTIONS))
+        if set_here:
+            raise ConfigError(
+                f"data options {set_here} are set by the suite for each task (use the top-level shots and seeds, "
+                "and each task's name and dataset); remove them from data:."
+            )
+        if "kind" not in self.expert:
+            raise ConfigError(f"expert needs its kind (lora, adapter, prefix ...), got {self.expert!r}.")
+
+    @property
+    def embedding(self) -> EmbeddingConfig:
+        """The embedding options as one config."""
+        return EmbeddingConfig(self.probe, self.estimator, self.embed_examples)

@@ -1,0 +1,393 @@
+"""The pipeline's stage functions: make a trainer and a DataModule, train and check a source, embed a task, train a
+target, interpolate, run a baseline, and a resume cache. ``pituning run`` (:func:`pituning.suite.run_suite`), the
+benchmarks and the examples compose these instead of writing their own.
+
+Every function takes the typed :class:`~pituning.config.SuiteConfig` (or its parts), so an option is validated once,
+where the config is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pituning.bank import Expert, ExpertBank, TaskInfo
+from pituning.config import SuiteConfig, TaskSpec
+from pituning.errors import ConfigError
+from pituning.report import ExpertQuality, expert_quality
+
+__all__ = [
+    "ResumeCache",
+    "embed_task",
+    "evaluate_quality",
+    "interpolate",
+    "make_datamodule",
+    "make_probe",
+    "make_trainer",
+    "plain",
+    "rank_zero",
+    "rank_zero_first",
+    "run_baseline",
+    "run_target",
+    "stage_kwargs",
+    "train_expert",
+    "train_source",
+]
+
+log = logging.getLogger(__name__)
+
+
+def plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths and dataclasses plain), so a stored recipe
+    compares equal to a fresh one."""
+    return json.loads(json.dumps(value, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v)))
+
+
+def rank_zero() -> bool:
+    """Global rank zero, or a single process. Under DDP's subprocess launcher every rank runs the whole pipeline;
+    Lightning reads each one's rank from the environment it starts them with."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def rank_zero_first(write: Callable[[], Any]) -> None:
+    """Run a write (to the bank, a results file) on rank zero only, then hold every rank until it is done (when a
+    process group is up)."""
+    if rank_zero():
+        write()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class ResumeCache:
+    """A JSON file of results keyed by name, each stored with the recipe that produced it.
+
+    A result is reused only when its recipe is unchanged; the file is written atomically (rank zero only), and a
+    damaged or unreadable file means "recompute", never a crash.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            data = json.loads(self.path.read_text())
+            self.data: dict[str, Any] = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, name: str, recipe: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The stored result of ``name`` if its recipe equals ``recipe`` (compared as JSON), else ``None``."""
+        entry = self.data.get(name)
+        if isinstance(entry, dict) and entry.get("recipe") == plain(recipe) and isinstance(entry.get("result"), dict):
+            return dict(entry["result"])
+        return None
+
+    def put(self, name: str, recipe: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """Store ``result`` of ``name`` under ``recipe`` and write the file (rank zero only)."""
+        from pituning.storage import write_file_atomic
+
+        self.data[name] = {"recipe": plain(recipe), "result": plain(result)}
+        if rank_zero():
+            write_file_atomic(self.path, json.dumps(self.data, indent=1, default=str).encode())
+
+
+def _loggers(root: Path, name: str) -> list[Any]:
+    """CSV logs always; TensorBoard too when ``tensorboard`` is installed."""
+    import importlib.util
+
+    import lightning.pytorch as pl
+
+    loggers: list[Any] = [pl.loggers.CSVLogger(str(root / "logs"), name=name)]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(pl.loggers.TensorBoardLogger(str(root / "tensorboard"), name=name))
+    return loggers
+
+
+def make_trainer(cfg: SuiteConfig, root: str | Path, name: str, **kwargs: Any) -> Any:
+    """A Lightning ``Trainer`` with the suite's accelerator, devices and precision, logging to ``root/logs/name``
+    (no checkpoints: every stage ends in a bank entry)."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        precision=cfg.precision,  # type: ignore[arg-type]
+        logger=_loggers(Path(root), name),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def data_class(cfg: SuiteConfig) -> type:
+    """The suite's DataModule class (a :class:`ConfigError` if it cannot be imported)."""
+    import importlib
+
+    module_name, _, class_name = cfg.data_class.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"data_class {cfg.data_class!r} cannot be imported ({err}).") from err
+
+
+def make_datamodule(cfg: SuiteConfig, task: TaskSpec, **extra: Any) -> Any:
+    """Task ``task``'s DataModule: the suite's shared ``data`` options, the task's own, then ``extra``."""
+    return data_class(cfg)(dataset=task.dataset, task_name=task.name, **{**cfg.data, **task.options, **extra})
+
+
+def stage_kwargs(cfg: SuiteConfig) -> dict[str, Any]:
+    """Keyword arguments every stage module of the suite takes: the backbone's head and the task type."""
+    return {"backbone_task": cfg.backbone_task, "task_type": cfg.task_type}
+
+
+def train_expert(
+    cfg: SuiteConfig, root: str | Path, name: str, datamodule: Any, epochs: int, *, log_name: str, **module: Any
+) -> Any:
+    """Train expert ``name`` (and its head) on ``datamodule`` and store it in the suite's bank; returns the module.
+
+    ``module`` adds ExpertTrainingModule options (``init_from`` for a baseline that starts from a stored expert).
+    """
+    from pituning.modules import ExpertTrainingModule
+
+    location = str(Path(root) / "bank")
+    options = {**cfg.module.module_kwargs(), **stage_kwargs(cfg), **module}
+    trained = ExpertTrainingModule(cfg.backbone, cfg.expert, name, location, overwrite=True, **options)
+    make_trainer(cfg, root, log_name, max_epochs=epochs).fit(trained, datamodule)
+    return trained
+
+
+def embed_task(cfg: SuiteConfig, root: str | Path, name: str, datamodule: Any, probe: str | None) -> int:
+    """Store task ``name``'s Fisher embedding (at ``probe``, or at its own expert); returns how many examples it saw.
+
+    Every task type embeds: the module reads the suite's ``task_type`` and ``backbone_task``.
+    """
+    from pituning.modules import TaskEmbeddingModule
+
+    optim = cfg.module
+    module = TaskEmbeddingModule(
+        cfg.backbone,
+        str(Path(root) / "bank"),
+        name,
+        probe=probe,
+        estimator=cfg.estimator,
+        backbone_dtype=optim.backbone_dtype,
+        attn_implementation=optim.attn_implementation,
+        **stage_kwargs(cfg),
+    )
+    make_trainer(cfg, root, f"embed-{name}", inference_mode=False).predict(module, datamodule=datamodule)
+    return int(module.examples)
+
+
+def interpolate(
+    cfg: SuiteConfig, root: str | Path, name: str, datamodule: Any, candidates: list[str]
+) -> tuple[Any, float]:
+    """π-Tuning on target ``name``: the suite's ``k`` best sources among ``candidates`` and a target expert,
+    interpolated, collapsed and stored as ``<name>_pi``; returns the module and its test accuracy."""
+    from pituning.modules import InterpolationModule
+
+    options = {**cfg.module.module_kwargs(), **cfg.interpolation.module_kwargs(), **stage_kwargs(cfg)}
+    pi = InterpolationModule(
+        cfg.backbone, str(Path(root) / "bank"), name, k=cfg.k, candidates=candidates, overwrite=True, **options
+    )
+    trainer = make_trainer(cfg, root, f"pi-{name}", max_epochs=cfg.target_epochs)
+    trainer.fit(pi, datamodule)
+    return pi, float(trainer.test(pi, datamodule, verbose=False)[0]["test_acc"])
+
+
+def run_baseline(
+    cfg: SuiteConfig, root: str | Path, name: str, seed: int, baseline: str, ranked: list[str], datamodule: Any
+) -> float:
+    """Baseline ``baseline`` on target ``name`` from the ranked sources: ``best_source_init`` fine-tunes the
+    top-ranked source (and its head), ``uniform_average`` the parameter average of ``ranked``; returns the test
+    accuracy."""
+    import lightning.pytorch as pl
+
+    bank = ExpertBank(Path(root) / "bank")
+    if baseline == "best_source_init":
+        start_from = ranked[0]
+    elif baseline == "uniform_average":
+        start_from = f"{name}_avg"
+        rank_zero_first(functools.partial(bank.average, ranked, name=start_from, overwrite=True))
+    else:
+        raise ConfigError(f"Unknown baseline {baseline!r}; use best_source_init or uniform_average.")
+    pl.seed_everything(seed, verbose=False)
+    module = train_expert(
+        cfg,
+        root,
+        f"{name}_{baseline}",
+        datamodule,
+        cfg.target_epochs,
+        log_name=f"{baseline}-{name}",
+        init_from=start_from,
+    )
+    return float(module.trainer.test(module, datamodule, verbose=False)[0]["test_acc"])
+
+
+def train_source(
+    cfg: SuiteConfig,
+    root: str | Path,
+    task: TaskSpec,
+    probe: str | None,
+    cache: ResumeCache,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train, check and embed source ``task`` unless the bank holds it from the same recipe; returns
+    ``{"quality": ExpertQuality.to_dict(), "embedded_examples": n}``."""
+    import lightning.pytorch as pl
+
+    recipe = {
+        "backbone": cfg.backbone, "backbone_task": cfg.backbone_task, "task_type": cfg.task_type, "task": asdict(task),
+        "data": cfg.data, "expert": cfg.expert, "module": asdict(cfg.module), "epochs": cfg.source_epochs,
+        "probe": probe, "estimator": cfg.estimator, "embed_examples": cfg.embed_examples,
+    }  # fmt: skip
+    bank = ExpertBank(Path(root) / "bank")
+    stored = cache.get(task.name, recipe)
+    if stored is not None and task.name in bank and bank.entry(task.name).has_embedding:
+        say(f"source {task.name}: in the bank already, from the same recipe")
+        return stored
+    say(f"source {task.name}: training the expert")
+    pl.seed_everything(0, verbose=False)
+    datamodule = make_datamodule(cfg, task)
+    module = train_expert(cfg, root, task.name, datamodule, cfg.source_epochs, log_name=f"source-{task.name}")
+    checked = evaluate_quality(module, datamodule.test_dataloader())
+    say(
+        f"source {task.name}: test accuracy {checked.acc:.4f}, most predicted class on "
+        f"{checked.majority_share:.0%} of the test set (majority class {checked.true_majority_share:.0%})"
+    )
+    trained_on = task.options.get("max_train_examples", cfg.data.get("max_train_examples"))
+    cap = [c for c in (trained_on, cfg.embed_examples) if c is not None]
+    capped = make_datamodule(cfg, task, max_train_examples=min(cap)) if cap else datamodule
+    seen = embed_task(cfg, root, task.name, capped, probe)
+    say(f"source {task.name}: embedded (Fisher over {seen} examples)")
+    result = {"quality": checked.to_dict(), "embedded_examples": seen}
+    cache.put(task.name, recipe, result)
+    return result
+
+
+def run_target(
+    cfg: SuiteConfig,
+    root: str | Path,
+    task: TaskSpec,
+    seed: int,
+    candidates: list[str],
+    probe: str | None,
+    cache: ResumeCache,
+    say: Callable[[str], None],
+    sources: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One target and seed: the target expert alone, its embedding, π-Tuning and the suite's baselines on the same
+    shots and epochs, unless measured already from the same recipe; returns the row of results."""
+    import lightning.pytorch as pl
+
+    name = f"{task.name}_s{seed}"
+    recipe = {  # everything a target's row depends on, the sources it may draw from included
+        "task": asdict(task), "seed": seed, "shots": cfg.shots, "data": cfg.data, "expert": cfg.expert,
+        "module": asdict(cfg.module), "interpolation": asdict(cfg.interpolation), "epochs": cfg.target_epochs,
+        "k": cfg.k, "baselines": cfg.baselines, "precision": cfg.precision, "probe": probe, "estimator": cfg.estimator,
+        "task_type": cfg.task_type, "backbone_task": cfg.backbone_task,
+        "sources": {c: sources.get(c) for c in candidates},
+    }  # fmt: skip
+    stored = cache.get(name, recipe)
+    if stored is not None and f"{name}_pi" in ExpertBank(Path(root) / "bank"):
+        say(f"target {name}: measured already, from the same recipe")
+        return stored
+    datamodule = make_datamodule(cfg, task, shots_per_class=cfg.shots, seed=seed)
+    say(f"target {name}: expert alone ({cfg.shots} shots per class)")
+    pl.seed_everything(seed, verbose=False)
+    alone = train_expert(cfg, root, name, datamodule, cfg.target_epochs, log_name=f"alone-{name}")
+    alone_acc = float(alone.trainer.test(alone, datamodule, verbose=False)[0]["test_acc"])
+    embed_task(cfg, root, name, datamodule, probe)
+    say(f"target {name}: π-Tuning with k={cfg.k}")
+    pl.seed_everything(seed, verbose=False)
+    pi, pi_acc = interpolate(cfg, root, name, datamodule, candidates)
+    ranked = [n for n, _ in pi.selected]
+    extra: dict[str, float] = {}
+    for baseline in cfg.baselines if ranked else []:
+        say(f"target {name}: baseline {baseline}")
+        extra[baseline] = run_baseline(cfg, root, name, seed, baseline, ranked, datamodule)
+    row = {
+        "target": task.name,
+        "seed": seed,
+        "alone": alone_acc,
+        **extra,
+        "pi": pi_acc,
+        "sources": ranked,
+        "similarities": dict(pi.selected),
+        "mean_weights": pi.mean_weights() if pi.stored is None else pi.stored.provenance["mean_weights"],
+    }
+    say(f"target {name}: alone {alone_acc:.4f}, π-Tuning {pi_acc:.4f}")
+    cache.put(name, recipe, row)  # a rerun (after a crash, or with more seeds) skips the targets measured already
+    return plain(row)  # type: ignore[no-any-return]
+
+
+def evaluate_quality(module: Any, dataloader: Any) -> ExpertQuality:
+    """:func:`~pituning.report.expert_quality` of a trained :class:`~pituning.modules.ExpertTrainingModule` over
+    ``dataloader`` (its task's test set), on the module's device, in eval mode (restored afterwards). When the module
+    was fit by a Trainer, its precision applies as in ``Trainer.test`` (``bf16-true`` inputs are cast, ``bf16-mixed``
+    autocasts)."""
+    try:
+        trainer = module.trainer
+    except (AttributeError, RuntimeError):  # a plain module, or one no Trainer fit
+        trainer = None
+    plugin = getattr(trainer, "precision_plugin", None)
+    context = plugin.test_step_context() if plugin is not None else contextlib.nullcontext()
+    was_training = module.training
+    module.eval()
+    predicted, labels = [], []
+    try:
+        with torch.no_grad(), context:
+            for batch in dataloader:
+                batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                if plugin is not None:
+                    batch = plugin.convert_input(batch)
+                predicted.append(module.predict_classes(batch).cpu())
+                labels.append(module.class_labels(batch).cpu())
+    finally:
+        module.train(was_training)
+    if not predicted:
+        raise ConfigError("The test dataloader is empty: the expert's quality cannot be checked.")
+    return expert_quality(torch.cat(predicted), torch.cat(labels))
+
+
+def make_probe(
+    backbone: str,
+    config: dict[str, Any],
+    bank: ExpertBank,
+    *,
+    name: str = "probe",
+    seed: int = 0,
+    backbone_task: str = "base",
+) -> str:
+    """Store a shared probe expert: ``config``'s kind with every parameter ``N(0, 0.1)`` (non-zero, so every tensor
+    has a Fisher), used to embed every task at one common point, as Task2Vec does with its probe network.
+
+    A probe already in the bank is reused when it was made from the same backbone, config and seed, and replaced
+    otherwise (a stale probe would not fit the experts of the new config)."""
+    from pituning.backbones import load_backbone
+    from pituning.experts.base import config_from_dict
+    from pituning.model import ExpertModel
+
+    wanted = config_from_dict(config)
+    if name in bank:
+        stored = bank.get(name)
+        same_config = len({json.dumps(c.to_dict(), sort_keys=True) for c in (stored.config, wanted)}) == 1
+        same_origin = stored.backbone.source == str(backbone) and stored.provenance.get("probe_seed") == seed
+        if same_config and same_origin:
+            return name
+    model = ExpertModel(load_backbone(backbone, task=backbone_task))
+    model.add_expert(name, wanted)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.expert_parameters(name).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    probe = Expert.from_model(model, name, TaskInfo(name, modality="other"), provenance={"probe_seed": seed})
+    bank.add(probe, overwrite=True)
+    return name
