@@ -128,6 +128,14 @@ class TaskDataModule(pl.LightningDataModule):
 
     modality = "other"
 
+    @property
+    def hparams_initial(self) -> Any:
+        """The DataModule's options as loggers record them, each under ``data/`` (so a DataModule option never clashes
+        with a LightningModule's of the same name, such as a matching task's ``mode`` beside interpolation's)."""
+        from lightning.fabric.utilities.data import AttributeDict
+
+        return AttributeDict({f"data/{k}": v for k, v in super().hparams_initial.items()})
+
     def __init__(
         self,
         *,
