@@ -184,7 +184,7 @@ def test_every_one_bit_flip_is_detected_or_harmless(tmp_path: Path, target: str)
         else:
             assert isinstance(seen, tuple) and seen[0] in ("error", "problems"), f"silent change at bit {bit}"
             outcomes["detected"] += 1
-            assert ExpertBank.__dict__["gc"] is not None
+            assert callable(ExpertBank.gc)
             with pytest.raises(BankError):  # gc refuses a damaged bank instead of deleting what it cannot see
                 ExpertBank(root, create=False).gc()
         assert sorted(p.name.split("--")[0] for p in (root / "experts").iterdir()) == ["a", "b", "c"]

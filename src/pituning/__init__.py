@@ -3,6 +3,7 @@
 Importing pituning imports torch but not Lightning, transformers model code, PEFT, matplotlib or vision packages.
 """
 
+from pituning._version import __version__
 from pituning.backbones import (
     Backbone,
     BackboneDescription,
@@ -33,8 +34,6 @@ from pituning.experts import (
     config_from_dict,
 )
 from pituning.model import ExpertModel
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EXPERT_KINDS",

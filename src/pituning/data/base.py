@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pituning.bank import TaskInfo
 from pituning.errors import ConfigError, PiTuningError
+from pituning.tasks import TaskInfo
 
 __all__ = ["DataError", "ListDataset", "TaskDataModule", "load_table", "pad_collate"]
 
