@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,55 +122,20 @@ def write_tasks(root: Path, tasks: list[str]) -> dict[str, Path]:
     return tables
 
 
-def quiet() -> None:
-    """Keep the output to the example's own progress lines (imports Lightning and transformers)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on the Hugging Face hub
-    import datasets
-    import lightning.pytorch  # noqa: F401  (sets its loggers' level on import: import first, then quieten)
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*batching rule.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a deprecation inside Lightning, not in this code
-    # ExpertModel keeps the frozen backbone's batch norms (EfficientNet-Lite0's) in eval mode on purpose (their
-    # statistics are backbone state); Lightning warns about any module in eval mode at the start of training
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-
-
-def trainer(**kwargs: Any) -> Any:
-    """A CPU trainer without checkpoints, loggers or progress bars (the example prints its own lines)."""
-    import lightning.pytorch as pl
-
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,  # no validation during fit: every method is tested on the test split at the end
-    }
-    return pl.Trainer(**{**options, **kwargs})
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the results it writes to ``results.json``."""
     args = parse_args(argv)
+    from pituning.pipeline import fit_test, make_probe, plain_trainer, quiet, save_graph
+    from pituning.report import comparison
+
     quiet()
     import lightning.pytorch as pl
     import torch
 
-    from pituning import ConfigError, ExpertBank
+    from pituning import ExpertBank
     from pituning.data import VisionLanguageDataModule
     from pituning.graph import TaskGraph
     from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
-    from pituning.suite import make_probe
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
@@ -217,10 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the Fisher pass reads the training split in a fixed order; capping it keeps the per-sample pass short
         capped = data(classes, **{"max_train_examples": args.embed_examples, **options})
         module = TaskEmbeddingModule(backbone, location, name, probe=probe, task_type="matching")
-        trainer(inference_mode=False).predict(module, datamodule=capped)
-
-    def test(module: Any, datamodule: Any) -> float:
-        return float(trainer().test(module, datamodule, verbose=False)[0]["test_acc"])
+        plain_trainer(inference_mode=False).predict(module, datamodule=capped)
 
     # ---- stage 1 and 2: source experts and their task embeddings
     sources = [f"digits_{s}" for s in args.sources]
@@ -229,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pl.seed_everything(0, verbose=False)
         datamodule = data(classes, max_train_examples=args.source_examples)
         module = ExpertTrainingModule(backbone, expert, name, location, **module_options)
-        trainer(max_epochs=args.source_epochs).fit(module, datamodule)
-        source_acc[name] = test(module, datamodule)
+        source_acc[name] = fit_test(module, datamodule, args.source_epochs)
         embed(name, classes)
         say(f"source {name}: matching accuracy {source_acc[name]:.3f} ({len(classes)} captions), embedded")
 
@@ -240,8 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target_data = data(args.target, **few_shot)
     pl.seed_everything(args.seed, verbose=False)
     alone = ExpertTrainingModule(backbone, expert, target, location, **module_options)
-    trainer(max_epochs=args.target_epochs).fit(alone, target_data)
-    acc_alone = test(alone, target_data)
+    acc_alone = fit_test(alone, target_data, args.target_epochs)
     embed(target, args.target, **few_shot)
     say(f"target {target} ({args.shots} shots per class): LoRA alone, matching accuracy {acc_alone:.3f}")
 
@@ -255,24 +212,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone, location, target, k=args.k, candidates=sources, logits_lr=5e-2, weights_only_steps=10,
         **module_options,
     )  # fmt: skip
-    trainer(max_epochs=args.target_epochs).fit(pi, target_data)
-    acc_pi = test(pi, target_data)  # the collapsed expert: one plain LoRA, the interpolation exactly
+    acc_pi = fit_test(
+        pi, target_data, args.target_epochs
+    )  # the collapsed expert: one plain LoRA, the interpolation exactly
     assert pi.stored is not None
     weights = pi.stored.provenance["mean_weights"]
     say(f"π-Tuning, pool {pi.pool}: matching accuracy {acc_pi:.3f}")
 
     # ---- results
-    files = graph.save(out / "graph")
-    try:
-        files.update(graph.plot(out / "graph", k=min(2, len(sources))))
-    except ConfigError as err:  # matplotlib is optional: graph.json / graph.csv are written anyway
-        say(f"no graph plot: {err}")
+    files = save_graph(graph, out / "graph", say, k=min(2, len(sources)))
     test_size = len(target_data.splits["test"][1])
     caveat = " (untrained tiny CLIP: the API, not CLIP transfer)" if untrained else ""
     print(f"\nTarget {target!r}, {args.shots} shots per class, matching accuracy on {test_size} test images{caveat}:")
-    print(f"  {'LoRA alone':<28} {acc_alone:.4f}")
-    print(f"  {'π-Tuning (k=' + str(args.k) + ')':<28} {acc_pi:.4f}")
-    print("  mean interpolation weights: " + ", ".join(f"{n} {w:.2f}" for n, w in weights.items()))
+    print(comparison({"LoRA alone": acc_alone, f"π-Tuning (k={args.k})": acc_pi}, weights))
     results = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "backbone": backbone,

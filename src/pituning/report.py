@@ -21,6 +21,7 @@ from pituning.errors import ConfigError
 __all__ = [
     "METHOD_TITLES",
     "ExpertQuality",
+    "comparison",
     "expert_quality",
     "machine",
     "paired_difference",
@@ -103,9 +104,9 @@ def quality_table(quality: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def paired_difference(ours: list[float], theirs: list[float]) -> dict[str, Any]:
-    """Paired difference ``ours - theirs`` in points (accuracy x 100): mean, sample std (0 for one pair), how many
-    pairs ``ours`` wins, and ``n``.
+def paired_difference(ours: list[float], theirs: list[float], *, scale: float = 100.0) -> dict[str, Any]:
+    """Paired difference ``ours - theirs`` times ``scale`` (100: points of accuracy; 1: accuracy): mean, sample std
+    (0 for one pair), how many pairs ``ours`` wins, and ``n``.
 
     >>> d = paired_difference([0.75, 0.625], [0.5, 0.625])
     >>> d["mean"], round(d["std"], 2), d["wins"], d["n"]
@@ -113,7 +114,7 @@ def paired_difference(ours: list[float], theirs: list[float]) -> dict[str, Any]:
     """
     if len(ours) != len(theirs) or not ours:
         raise ConfigError(f"Paired results need two equally long, non-empty lists; got {len(ours)} and {len(theirs)}.")
-    diffs = [100.0 * (a - b) for a, b in zip(ours, theirs, strict=True)]
+    diffs = [scale * (a - b) for a, b in zip(ours, theirs, strict=True)]
     std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return {"mean": statistics.fmean(diffs), "std": std, "wins": sum(d > 0 for d in diffs), "n": len(diffs)}
 
@@ -184,3 +185,16 @@ def suite_markdown(
                 f"- {METHOD_TITLES[m]}: {d['mean']:+.2f} ± {d['std']:.2f} (π ahead in {d['wins']} of {d['n']})"
             )
     return lines
+
+
+def comparison(accuracy: Mapping[str, float], weights: Mapping[str, float]) -> str:
+    """Lines comparing methods' accuracies, then the mean interpolation weights of π-Tuning's pool.
+
+    >>> print(comparison({"LoRA alone": 0.5, "π-Tuning (k=1)": 0.75}, {"cars": 0.6, "cars_s0": 0.4}))
+      LoRA alone                   0.5000
+      π-Tuning (k=1)               0.7500
+      mean interpolation weights: cars 0.60, cars_s0 0.40
+    """
+    lines = [f"  {name:<28} {acc:.4f}" for name, acc in accuracy.items()]
+    lines.append("  mean interpolation weights: " + ", ".join(f"{n} {w:.2f}" for n, w in weights.items()))
+    return "\n".join(lines)
