@@ -93,7 +93,8 @@ def write_markdown(results: dict[str, object], path: Path) -> None:
         "",
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}  ",
-        f"Machine: {results['machine']}",
+        f"Machine: {results['machine']}  ",
+        f"Load average (1, 5, 15 min): start {results['load_average']['start']}, end {results['load_average']['end']}",
         "",
         "Small experts: LoRA r=2 on 4 modules of width 64 (1,024 parameters) plus a task embedding of the same size. "
         "Local directory bank; every add is durable (fsync before the commit). Median of the repeats, in ms.",
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--name", default="bank", help="result file stem")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for size in args.sizes:
@@ -143,6 +145,7 @@ def main() -> None:
         "command": "python benchmarks/bank/run.py " + " ".join(f"--sizes {' '.join(map(str, args.sizes))}".split()),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)

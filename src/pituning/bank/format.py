@@ -61,6 +61,12 @@ _RECORD_KEYS = {
 }
 
 
+_FILE_KEYS = {"path", "sha256"}
+_FOLDER_MATCH = _FOLDER.fullmatch
+_TOKEN_MATCH = _TOKEN.fullmatch
+_HEX64_MATCH = _HEX64.fullmatch
+
+
 def sha256(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
@@ -89,6 +95,41 @@ def _unseal(obj: Any, where: str, *, required: bool) -> dict[str, Any]:
             f"{where} does not match its checksum: the file was damaged or edited. Run `pituning bank recover`."
         )
     return body
+
+
+_SEAL_KEY = b',"sha256":"'
+
+
+def _parse_sealed(data: bytes, where: str, *, required: bool) -> dict[str, Any]:
+    """Parse a sealed JSON object and check its seal (:func:`_check_seal`)."""
+    try:
+        obj = json.loads(data)
+    except ValueError as err:
+        raise _fail(where, f"unreadable JSON ({err})") from err
+    return _check_seal(obj, data, where, required=required)
+
+
+def _check_seal(obj: Any, data: bytes, where: str, *, required: bool) -> dict[str, Any]:
+    """``obj`` (parsed from ``data``) without its seal, after checking it.
+
+    The writer's canonical JSON puts ``"sha256"`` last (keys sorted), so the sealed body is the raw bytes up to that
+    key: the seal is checked on them, without re-encoding (a 10,000-entry manifest reads several times faster).
+    Anything else (an unsealed schema 1 object, re-formatted JSON) takes the slow path: re-encode, then check.
+    """
+    cut = data.rfind(_SEAL_KEY)
+    tail = data[cut + len(_SEAL_KEY) :].rstrip()
+    if (
+        cut > 0
+        and len(tail) == 66
+        and tail.endswith(b'"}')
+        and isinstance(obj, dict)
+        and obj.get("sha256") == tail[:64].decode("ascii", "replace")
+        and sha256(data[:cut] + b"}") == obj["sha256"]
+    ):
+        body = dict(obj)
+        del body["sha256"]  # the bytes are exactly what was sealed
+        return body
+    return _unseal(obj, where, required=required)
 
 
 def _fail(where: str, problem: str) -> BankCorruptionError:
@@ -121,6 +162,46 @@ def _str(record: Mapping[str, Any], key: str, where: str, pattern: re.Pattern[st
     return value
 
 
+def _record_ok(record: Any, kinds: Any) -> bool:
+    """The common case of :func:`check_record` in one pass (no messages); ``False`` sends it to the detailed check."""
+    if type(record) is not dict or record.keys() != _RECORD_KEYS:
+        return False
+    name, folder, files, layout = record["name"], record["folder"], record["files"], record["embedding_layout"]
+    match = _FOLDER_MATCH(folder) if type(folder) is str else None
+    if (
+        match is None
+        or match.group(1) != name
+        or record["kind"] not in kinds
+        or record["modality"] not in MODALITIES
+        or type(record["task"]) is not str
+        or type(record["backbone"]) is not str
+        or type(record["created"]) is not str
+        or type(record["structure"]) is not str
+        or type(record["weights_fingerprint"]) is not str
+        or not _TOKEN_MATCH(record["structure"])
+        or not _TOKEN_MATCH(record["weights_fingerprint"])
+        or type(files) is not dict
+        or "expert" not in files
+        or "weights" not in files
+    ):
+        return False
+    prefix = folder + "/"
+    for role, info in files.items():
+        filename = FILENAMES.get(role)
+        if (
+            filename is None
+            or type(info) is not dict
+            or info.keys() != _FILE_KEYS
+            or info["path"] != prefix + filename
+            or type(info["sha256"]) is not str
+            or not _HEX64_MATCH(info["sha256"])
+        ):
+            return False
+    if layout is None:
+        return "embedding" not in files
+    return "embedding" in files and type(layout) is str and _LAYOUT.fullmatch(layout) is not None
+
+
 def check_record(record: Any, where: str) -> dict[str, Any]:
     """Validate one bank entry record (as stored in the manifest and in ``add`` journal lines).
 
@@ -129,6 +210,8 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     """
     from pituning.experts.base import EXPERT_KINDS
 
+    if _record_ok(record, EXPERT_KINDS):
+        return record  # type: ignore[no-any-return]
     if not isinstance(record, dict):
         raise _fail(where, "an entry is not a JSON object")
     if set(record) != _RECORD_KEYS:
@@ -174,11 +257,7 @@ def decode_line(line: bytes, where: str, *, sealed: bool = True) -> dict[str, An
         where: file and line number, for messages.
         sealed: require the checksum (schema 2 banks); schema 1 lines have none.
     """
-    try:
-        obj = json.loads(line)
-    except ValueError as err:
-        raise _fail(where, f"unreadable record ({err})") from err
-    body = _unseal(obj, where, required=sealed)
+    body = _parse_sealed(line, where, required=sealed)
     if body.get("op") == "add" and set(body) == {"op", "entry"}:
         check_record(body["entry"], where)
     elif body.get("op") == "remove" and set(body) == {"op", "name"}:
@@ -215,12 +294,15 @@ def decode_manifest(data: bytes, where: str) -> tuple[dict[str, dict[str, Any]],
         raise _fail(where, f"schema {schema!r} is not a bank schema")
     if schema > SCHEMA_VERSION:
         raise BankError(f"{where} is a bank of schema {schema}, newer than this pituning reads; upgrade pituning.")
-    body = _unseal(obj, where, required=schema >= 2)
+    body = _check_seal(obj, data, where, required=schema >= 2)
     if set(body) != {"format", "schema", "library", "entries"} or not isinstance(body["entries"], dict):
         raise _fail(where, f"manifest fields differ from the format ({sorted(body)})")
+    from pituning.experts.base import EXPERT_KINDS
+
     entries: dict[str, dict[str, Any]] = {}
     for name, record in body["entries"].items():
-        check_record(record, f"{where} entry {name!r}")
+        if not _record_ok(record, EXPERT_KINDS):
+            check_record(record, f"{where} entry {name!r}")  # raises, naming the problem
         if record["name"] != name:
             raise _fail(where, f"entry {name!r} holds a record named {record['name']!r}")
         entries[name] = record
