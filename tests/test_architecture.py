@@ -29,7 +29,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "storage": (
         "pituning.storage",
         "pituning.bank",
-        "pituning.bankfile",
         "pituning.peft_io",
         "pituning.distributed",
     ),
@@ -46,7 +45,6 @@ PLAIN_TORCH = {"foundation", "math", "storage", "config"}
 # siblings of one layer that stay independent: (importer prefix, forbidden prefix)
 SEPARATE = [
     ("pituning.data", "pituning.bank"),
-    ("pituning.data", "pituning.bankfile"),
     ("pituning.data", "pituning.modules"),
     ("pituning.modules", "pituning.data"),
 ]

@@ -17,7 +17,7 @@ import torch
 from bank_helpers import FAKE_BACKBONE, tiny_expert
 from pituning.backbones import Fingerprint
 from pituning.bank import BackboneIdentity, ExpertBank
-from pituning.bankfile import decode_line, encode_line, encode_manifest, sha256
+from pituning.bank.format import decode_line, encode_line, encode_manifest, sha256
 from pituning.cli import main
 from pituning.errors import BackboneMismatchError, BankCorruptionError, BankError, ExpertError, PiTuningError
 
