@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "pituning.peft_io",
         "pituning.distributed",
     ),
+    "recycling": ("pituning.recycling",),
     "package": ("pituning",),  # the facade, pituning/__init__.py (this one by name only, not as a prefix)
     "config": ("pituning.config",),
     "lightning": ("pituning.modules", "pituning.data", "pituning.datasets"),
@@ -41,7 +42,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 RANK = {layer: i for i, layer in enumerate(LAYERS)}
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
 # layers below "lightning" never import Lightning, not even inside a function
-PLAIN_TORCH = {"foundation", "math", "storage", "config"}
+PLAIN_TORCH = {"foundation", "math", "storage", "recycling", "config"}
 # siblings of one layer that stay independent: (importer prefix, forbidden prefix)
 SEPARATE = [
     ("pituning.data", "pituning.bank"),

@@ -27,13 +27,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pituning.config import OptimConfig, SuiteConfig, TaskSpec
+from pituning.config import InterpolationConfig, OptimConfig, SuiteConfig, TaskSpec
 from pituning.pipeline import (
     ResumeCache,
     embed_task,
@@ -57,6 +57,10 @@ TEXT_DOMAINS = ["united", "americanair", "usairways", "southwestair", "jetblue",
 BASELINES = ["linear_probe", "lora", "adapter", "prefix", "full_ft", "uniform_average", "best_source_init"]
 PI_METHODS = ["pi", "pi_weights_only"]
 EMBED_BATCHES = 4  # Fisher embeddings over at most 4 batches of 32 training examples
+
+
+OPTIM_FIELDS = {f.name for f in fields(OptimConfig)}
+INTERPOLATION_FIELDS = {f.name for f in fields(InterpolationConfig)}
 
 
 @dataclass
@@ -84,9 +88,15 @@ class Suite:
         """Sources a target may use: every source but the target's own domain."""
         return [s.name for s in self.config.sources if s.name != target.name]
 
-    def module_kwargs(self) -> dict[str, Any]:
-        """Options of every method's module: the suite's optimisation settings and task type."""
-        return {**self.config.module.module_kwargs(), **stage_kwargs(self.config)}
+    def module_kwargs(self, **flat: Any) -> dict[str, Any]:
+        """Options of a method's module: the suite's training options and task type, with ``flat`` (a variant's
+        options, one by one) sorted into the typed ``optim`` and ``interpolation`` configs."""
+        optim = {k: flat.pop(k) for k in list(flat) if k in OPTIM_FIELDS}
+        interpolation = {k: flat.pop(k) for k in list(flat) if k in INTERPOLATION_FIELDS}
+        options = {"optim": replace(self.config.optim, **optim), **stage_kwargs(self.config), **flat}
+        if interpolation:
+            options["interpolation"] = InterpolationConfig(**interpolation)
+        return options
 
 
 def _suite(
@@ -113,7 +123,8 @@ def _suite(
         expert={"kind": "lora", "r": 8, "alpha": 16},
         k=2 if smoke else 3,
         shots=2 if smoke else 16,
-        module=OptimConfig(lr=1e-3, attn_implementation=attn_implementation),
+        optim=OptimConfig(lr=1e-3),
+        attn_implementation=attn_implementation,
         task_type=task_type,  # type: ignore[arg-type]
         source_epochs=1 if smoke else 3,
         accelerator="cpu",
@@ -363,7 +374,7 @@ def full_finetune_module(suite: Suite) -> Any:
                 param.requires_grad_(True)
             return [n for n, _ in self.task_model.named_parameters()]
 
-    options = {**suite.module_kwargs(), "lr": suite.full_ft_lr}
+    options = suite.module_kwargs(lr=suite.full_ft_lr)
     return FullFineTuning(suite.config.backbone, suite.config.expert, "full_ft", None, **options)
 
 
@@ -521,7 +532,7 @@ class Runner:
             fresh = not self.heads_transfer()
             acc = run_baseline(cfg, self.work, ctx.name, ctx.seed, method, top, dm, trainer=trainer, fresh_head=fresh)
             return acc, {"sources": top}
-        opts = {**s.module_kwargs(), **s.pi, **options}
+        opts = {**s.pi, **options}
         if method == "pi_weights_only":
             opts["mode"] = "weights_only"
         opts.setdefault("k", cfg.k)
@@ -532,7 +543,7 @@ class Runner:
         if "init_weights" in opts and len(opts["init_weights"]) != opts["k"] + 1:
             raise SystemExit(f"variant init_weights {opts['init_weights']} needs k + 1 = {opts['k'] + 1} weights")
         pi = InterpolationModule(cfg.backbone, str(self.bank_dir), ctx.name, candidates=cands, overwrite=True,
-                                 output_name=f"{ctx.name}_pi", **opts)  # fmt: skip
+                                 output_name=f"{ctx.name}_pi", **s.module_kwargs(**opts))  # fmt: skip
         acc = fit_test(pi, dm, epochs, restore_best=restore)
         weights = pi.stored.provenance["mean_weights"] if pi.stored else pi.mean_weights()
         return acc, {"sources": [n for n, _ in pi.selected], "mean_weights": weights}

@@ -33,7 +33,13 @@ def _bank_parser(help_text: str) -> ArgumentParser:
     return parser
 
 
-STAGES = ("train-expert", "embed", "interpolate", "evaluate")
+STAGES = {
+    "train-expert": "Stage 1: train one expert (and its head) on a task and store it in the bank.",
+    "embed": "Stage 2: store a task's Fisher embedding in the bank.",
+    "interpolate": "Stage 3: π-Tuning on a target: interpolate the k most similar experts, store the collapsed one.",
+    "evaluate": "Test a stored expert on a task (--model.init_from NAME).",
+}
+"""The Trainer stages: LightningCLI commands (``--config``, ``--model.*``, ``--data.*``, ``--trainer.*``)."""
 
 
 def build_parser() -> ArgumentParser:
@@ -41,11 +47,15 @@ def build_parser() -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
     parser = ArgumentParser(
         prog="pituning",
-        description="π-Tuning: experts, task similarity and interpolation. Trainer stages: "
-        + ", ".join(STAGES)
-        + " (LightningCLI; `pituning STAGE --help`).",
+        description="π-Tuning: experts, task similarity and interpolation. `pituning COMMAND --help` shows a "
+        "command's options; the Trainer stages (" + ", ".join(STAGES) + ") take a LightningCLI config "
+        "(--config, --model.*, --data.*, --trainer.*).",
     )
     commands = parser.add_subcommands(dest="command", required=True)
+    for stage, text in STAGES.items():
+        # listed here (help, "invalid choice" errors); main() hands a stage's own arguments to its LightningCLI
+        # parser, which imports Lightning only when a stage runs
+        commands.add_subcommand(stage, ArgumentParser(description=text), help=text)
 
     graph = ArgumentParser(description="Build the task graph from the bank's embeddings: JSON, CSV and PNG plots.")
     graph.add_argument("--bank", required=True, help="Bank directory or URL.")
@@ -276,9 +286,13 @@ def _run_bank(cfg: Namespace) -> int:
 
 def _run_stage(stage: str, args: list[str]) -> int:
     """A Trainer stage through LightningCLI."""
+    import warnings
+
     from lightning.pytorch.cli import LightningCLI
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # ``args`` is this command's own argv (after the stage name), never a mix with sys.argv
+    warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
 
     from pituning.data import TaskDataModule
     from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
@@ -365,7 +379,7 @@ def main(args: Sequence[str] | None = None) -> int:
     argv = list(args) if args is not None else sys.argv[1:]
     try:
         if argv and argv[0] in STAGES:
-            return _run_stage(argv[0], argv[1:])
+            return _run_stage(argv[0], argv[1:])  # before build_parser: a stage's options are its LightningCLI's
         parser = build_parser()
         cfg = parser.parse_args(argv)
         if cfg.command == "bank":

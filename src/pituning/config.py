@@ -2,19 +2,22 @@
 
 An option is validated once, where its config is built (a YAML file through jsonargparse, or Python), and travels as
 a typed field from there: a misspelt or misplaced option (a ``k`` under ``interpolation:``) is an error before any
-backbone loads, not after every source expert trained. The stages' LightningModules take the same options as keyword
-arguments (``**config.module_kwargs()``).
+backbone loads, not after every source expert trained. The stages' LightningModules take the same configs
+(``optim``, ``interpolation``), so a stage YAML and a suite YAML spell every option the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pituning.errors import ConfigError
 
 __all__ = [
+    "BACKBONE_DTYPES",
     "BASELINES",
     "SUITE_SET_DATA_OPTIONS",
     "EmbeddingConfig",
@@ -24,10 +27,18 @@ __all__ = [
     "TaskSpec",
     "TaskType",
     "check_choice",
+    "did_you_mean",
+    "fold_flat_options",
+    "typed_config",
 ]
+
+_C = TypeVar("_C")
 
 TaskType = Literal["classification", "matching", "text_to_text"]
 """What a task's head does: classify one input, match an input to a candidate text, or generate the label text."""
+
+BACKBONE_DTYPES = ("float32", "bfloat16", None)
+"""Storage dtypes of a frozen backbone (``None``: as stored)."""
 
 SUITE_SET_DATA_OPTIONS = ("dataset", "task_name", "shots_per_class", "seed")
 """DataModule options a suite sets itself, per task: never in a suite's shared ``data`` or a task's ``options``."""
@@ -49,22 +60,10 @@ def _fraction(value: float, option: str) -> None:
         raise ConfigError(f"{option} must be in [0, 1), got {value!r}.")
 
 
-class _Kwargs:
-    """``module_kwargs()``: the fields as keyword arguments of a stage module."""
-
-    def module_kwargs(self) -> dict[str, Any]:
-        """The fields as a dict (lists for tuples), to pass as keyword arguments."""
-        assert dataclasses.is_dataclass(self)
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-
 @dataclass(frozen=True)
-class OptimConfig(_Kwargs):
-    """How an expert (and its head) is trained: the options of ``ExpertTrainingModule`` a suite's ``module:`` sets."""
+class OptimConfig:
+    """How an expert (and its head) is trained: ``optim:`` of a suite and of the ``train-expert``, ``evaluate`` and
+    ``interpolate`` stages (``ExpertTrainingModule(optim=...)``)."""
 
     lr: float = 1e-3
     """Learning rate of the expert (AdamW, linear warm-up then linear decay)."""
@@ -78,35 +77,31 @@ class OptimConfig(_Kwargs):
     """Label smoothing of the cross-entropy, in [0, 1)."""
     dropout: float = 0.0
     """Dropout before the task head, in [0, 1)."""
-    backbone_dtype: Literal["float32", "bfloat16"] | None = None
-    """Storage dtype of the frozen backbone (``bfloat16`` halves its memory; experts stay fp32)."""
-    attn_implementation: str | None = None
-    """Attention implementation of a Hugging Face backbone (``eager``, ``sdpa`` ...)."""
 
     def __post_init__(self) -> None:
-        _positive(self.lr, "module.lr")
+        _positive(self.lr, "optim.lr")
         if self.head_lr is not None:
-            _positive(self.head_lr, "module.head_lr")
-        _positive(self.weight_decay, "module.weight_decay", zero=True)
-        _fraction(self.warmup_ratio, "module.warmup_ratio")
-        _fraction(self.label_smoothing, "module.label_smoothing")
-        _fraction(self.dropout, "module.dropout")
-        check_choice(self.backbone_dtype, "module.backbone_dtype", ("float32", "bfloat16", None))
+            _positive(self.head_lr, "optim.head_lr")
+        _positive(self.weight_decay, "optim.weight_decay", zero=True)
+        _fraction(self.warmup_ratio, "optim.warmup_ratio")
+        _fraction(self.label_smoothing, "optim.label_smoothing")
+        _fraction(self.dropout, "optim.dropout")
 
 
 @dataclass(frozen=True)
-class InterpolationConfig(_Kwargs):
-    """How the pool is interpolated on a target: the options of ``InterpolationModule`` a suite's ``interpolation:``
-    sets. The number of sources is the suite's ``k``, never an interpolation option."""
+class InterpolationConfig:
+    """How the pool is interpolated on a target: ``interpolation:`` of a suite and of the ``interpolate`` stage
+    (``InterpolationModule(interpolation=...)``). The number of sources is ``k``, never an interpolation option."""
 
     mode: Literal["experts_and_weights", "weights_only"] = "experts_and_weights"
     """Train the logits and every pool expert (the paper), or the logits only."""
     target_init: Literal["fresh", "trained"] = "fresh"
     """The target's expert in the pool: a fresh one, or the stored (already trained) one."""
     logits_lr: float = 5e-2
-    """Learning rate of the interpolation logits."""
+    """Learning rate of the interpolation logits (0 keeps them at their start)."""
     source_lr: float | None = None
-    """Learning rate of the source experts in the pool (default: the expert ``lr``; 0 freezes them)."""
+    """Learning rate of the source experts in the pool (default: the expert ``lr``, which the target expert keeps):
+    lower keeps more of what the sources learned on their full data; ``0`` freezes them (they still mix)."""
     weights_only_steps: int = 0
     """Optimiser steps at the start during which only the logits (and the head) train."""
     rescale: Literal["unit_mean", "none"] = "unit_mean"
@@ -114,11 +109,30 @@ class InterpolationConfig(_Kwargs):
     predictor: Literal["fisher", "few_shot_loss"] = "fisher"
     """How sources are ranked: Fisher similarity, or each source's loss on the target's shots."""
     head_init: Literal["target", "best_source", "sources", "fresh"] = "target"
-    """Where the head starts: the target expert's, the top source's, the sources' average, or fresh."""
+    """Where the head starts: ``target`` (the target expert's stored head), ``best_source`` (the top-ranked
+    source's, when its classes are the target's), ``sources`` (the selected sources' heads averaged with the sources'
+    share of ``init_weights``; needs heads of one shape) or ``fresh``."""
     init_weights: tuple[float, ...] | None = None
-    """Initial mixture weights (k + 1 positive values: the sources in rank order, then the target); default equal."""
+    """Initial mixture weights: the sources in rank order, then the target (k + 1 values; k without the target).
+    Under ``softmax``, positive and normalised (default equal); under ``linear``, the coefficients themselves (default
+    zero for every source and one for the target)."""
     logits_data: Literal["train", "holdout"] = "train"
-    """Train the logits on every shot, or on a held-out third of them."""
+    """``train`` (the logits learn on the training batches, like the experts) or ``holdout`` (on the DataModule's
+    validation split, one batch per step: give the DataModule ``holdout_shots`` so that split is a held-out slice of
+    the shots the experts never see)."""
+    mixing: Literal["softmax", "linear"] = "softmax"
+    """How the logits become weights: ``softmax`` (summing to one, equal at the start: the paper's) or ``linear``
+    (the logits are the weights, any sign: a learned merge that starts at the target expert alone, every source's
+    coefficient zero; the adaptive merge of the 2026 recycling study)."""
+    share: Literal["module", "layer", "task"] = "module"
+    """Which insertion points share one set of weights: ``module`` (each its own), ``layer`` (one set per block) or
+    ``task`` (one set for the whole model)."""
+    include_target: bool = True
+    """Keep the target's own expert in the pool; ``false`` interpolates the sources alone (a control)."""
+    guard: bool = False
+    """Guard against negative transfer: at the end of fit, keep the mixture only if its loss (on the validation split
+    when the DataModule has one, else on the training shots) is no worse than the target expert's alone inside the
+    pool; otherwise fall back to the target expert (needs ``include_target``)."""
 
     def __post_init__(self) -> None:
         check_choice(self.mode, "interpolation.mode", ("experts_and_weights", "weights_only"))
@@ -127,7 +141,11 @@ class InterpolationConfig(_Kwargs):
         check_choice(self.predictor, "interpolation.predictor", ("fisher", "few_shot_loss"))
         check_choice(self.head_init, "interpolation.head_init", ("target", "best_source", "sources", "fresh"))
         check_choice(self.logits_data, "interpolation.logits_data", ("train", "holdout"))
-        _positive(self.logits_lr, "interpolation.logits_lr")
+        check_choice(self.mixing, "interpolation.mixing", ("softmax", "linear"))
+        check_choice(self.share, "interpolation.share", ("module", "layer", "task"))
+        if self.guard and not self.include_target:
+            raise ConfigError("interpolation.guard falls back on the target expert: it needs include_target: true.")
+        _positive(self.logits_lr, "interpolation.logits_lr", zero=True)
         if self.source_lr is not None:
             _positive(self.source_lr, "interpolation.source_lr", zero=True)
         if not isinstance(self.weights_only_steps, int) or self.weights_only_steps < 0:
@@ -136,8 +154,10 @@ class InterpolationConfig(_Kwargs):
             )
         if self.init_weights is not None:
             object.__setattr__(self, "init_weights", tuple(float(w) for w in self.init_weights))
-            if min(self.init_weights) <= 0:  # type: ignore[arg-type]
-                raise ConfigError(f"interpolation.init_weights must all be > 0, got {list(self.init_weights)}.")
+            if self.mixing == "softmax" and min(self.init_weights) <= 0:  # type: ignore[arg-type]
+                raise ConfigError(
+                    f"interpolation.init_weights must all be > 0 under softmax mixing, got {list(self.init_weights)}."
+                )
 
 
 @dataclass(frozen=True)
@@ -186,26 +206,55 @@ BASELINES = ("best_source_init", "uniform_average")
 """Baselines a suite can run beside π-Tuning on the same shots and epochs."""
 
 
-def _typed(value: Any, cls: type, option: str) -> Any:
-    """``value`` as a ``cls`` (a dict's keys checked, with a suggestion for a misspelt one)."""
+def typed_config(value: Any, cls: type[_C], option: str) -> _C:
+    """``value`` (``None``, a mapping of ``cls``'s fields, or a ``cls``) as a ``cls``; a misspelt key is a
+    :class:`ConfigError` naming ``option`` with a suggestion and the valid keys."""
+    if value is None:
+        return cls()
     if isinstance(value, cls):
         return value
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         raise ConfigError(f"{option} must be a mapping of {cls.__name__} options, got {value!r}.")
-    known = [f.name for f in dataclasses.fields(cls)]
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(value) - set(known))
     if unknown:
-        import difflib
-
-        hints = [
-            f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else repr(u)
-            for u in unknown
-        ]
         where = (
             " It is a suite option: move it to the top level." if "k" in unknown and option == "interpolation" else ""
         )
-        raise ConfigError(f"Unknown {option} option(s) {', '.join(hints)}; valid options: {known}.{where}")
+        raise ConfigError(f"Unknown {option} option(s) {did_you_mean(unknown, known)}; valid options: {known}.{where}")
     return cls(**value)
+
+
+def did_you_mean(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """``'lrr' (did you mean 'lr'?), 'x'``: each unknown name with the closest known one, where one is close."""
+    import difflib
+
+    return ", ".join(
+        f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, list(known), 1)) else repr(u)
+        for u in unknown
+    )
+
+
+def fold_flat_options(value: Any, cls: type[_C], option: str, flat: Mapping[str, Any], owner: str) -> _C:
+    """``value`` as a ``cls``, with ``flat`` (options given one by one, the spelling before the typed configs) folded
+    in under a :class:`DeprecationWarning`; an option given both ways, or one that is no field, is a
+    :class:`ConfigError`."""
+    config = typed_config(value, cls, option)
+    if not flat:
+        return config
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(flat) - set(known))
+    if unknown:
+        raise ConfigError(f"{owner} got unknown option(s) {did_you_mean(unknown, known)}.")
+    if value is not None:
+        raise ConfigError(f"{owner}: give {sorted(flat)} inside {option}=..., not beside it.")
+    warnings.warn(
+        f"{owner}({', '.join(f'{k}=...' for k in flat)}) is deprecated and will be removed in the next release; pass "
+        f"{option}={cls.__name__}({', '.join(f'{k}=...' for k in flat)}) (YAML: {option}: {{{', '.join(flat)}}}).",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    return dataclasses.replace(config, **flat)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)
@@ -233,7 +282,7 @@ class SuiteConfig:
     """Seeds (shots and initialisation); the test set is fixed per target."""
     output: str = "outputs/run"
     """Output folder: the bank, the graph, the results."""
-    module: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     """How experts and heads are trained (``lr``, ``weight_decay`` ...), in every stage."""
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
     """How the pool is interpolated (``mode``, ``logits_lr``, ``weights_only_steps`` ...)."""
@@ -241,6 +290,10 @@ class SuiteConfig:
     """What every task's head does: ``classification``, ``matching`` (dual encoders) or ``text_to_text`` (T5)."""
     backbone_task: str = "base"
     """Which head of the backbone checkpoint to load (``base``; ``seq2seq-lm`` for text-to-text)."""
+    backbone_dtype: Literal["float32", "bfloat16"] | None = None
+    """Storage dtype of the frozen backbone (``bfloat16`` halves its memory; experts stay fp32)."""
+    attn_implementation: str | None = None
+    """Attention implementation of a Hugging Face backbone (``eager``, ``sdpa`` ...)."""
     source_epochs: int = 3
     """Epochs of source expert training."""
     target_epochs: int = 10
@@ -269,13 +322,38 @@ class SuiteConfig:
     """What to do with a source expert that is no better than always predicting its majority class (checked on its
     own test set right after training): ``warn`` (use it, flag it in the log and the results), ``exclude`` (leave it
     out of every target's candidates) or ``error`` (stop with an ``ExpertError``)."""
+    module: dict[str, Any] | None = None
+    """Deprecated spelling of ``optim`` (it will be removed in the next release)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the plain forms (dicts from Python or JSON) once, here
-        set_(self, "module", _typed(self.module, OptimConfig, "module"))
-        set_(self, "interpolation", _typed(self.interpolation, InterpolationConfig, "interpolation"))
-        set_(self, "sources", [_typed(t, TaskSpec, "sources[]") for t in self.sources])
-        set_(self, "targets", [_typed(t, TaskSpec, "targets[]") for t in self.targets])
+        optim: Any = self.optim
+        if self.module is not None:
+            if optim != OptimConfig():
+                raise ConfigError("Give the training options once, under optim: (module: is its old spelling).")
+            warnings.warn(
+                "The suite option module: is deprecated and will be removed in the next release; rename it optim:.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            optim = dict(self.module)
+            set_(self, "module", None)
+        if isinstance(optim, Mapping) and {"backbone_dtype", "attn_implementation"} & set(optim):
+            optim = dict(optim)
+            for moved in ("backbone_dtype", "attn_implementation"):
+                if moved in optim:
+                    warnings.warn(
+                        f"optim.{moved} is deprecated and will be removed in the next release; it is a backbone "
+                        f"option now: set {moved} at the top level of the suite.",
+                        DeprecationWarning,
+                        stacklevel=3,
+                    )
+                    set_(self, moved, optim.pop(moved))
+        set_(self, "optim", typed_config(optim, OptimConfig, "optim"))
+        check_choice(self.backbone_dtype, "backbone_dtype", BACKBONE_DTYPES)
+        set_(self, "interpolation", typed_config(self.interpolation, InterpolationConfig, "interpolation"))
+        set_(self, "sources", [typed_config(t, TaskSpec, "sources[]") for t in self.sources])
+        set_(self, "targets", [typed_config(t, TaskSpec, "targets[]") for t in self.targets])
         self.embedding  # noqa: B018 - checks estimator and embed_examples
         check_choice(self.collapsed_sources, "collapsed_sources", ("warn", "exclude", "error"))
         check_choice(self.task_type, "task_type", ("classification", "matching", "text_to_text"))

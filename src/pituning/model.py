@@ -105,9 +105,17 @@ class ExpertModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if ".pi_" in n and n.endswith(suffix)}
 
     # ------------------------------------------------------------------ interpolation
-    def interpolate(self, pool: Sequence[str]) -> dict[str, int]:
-        """Interpolate ``pool`` with learnable softmax logits per insertion point, equal at init."""
-        return inject.start_interpolation(self.backbone, pool)
+    def interpolate(
+        self,
+        pool: Sequence[str],
+        *,
+        mixing: str = "softmax",
+        share: str = "module",
+        init: Sequence[float] | None = None,
+    ) -> dict[str, int]:
+        """Interpolate ``pool`` with learnable logits: softmax weights per insertion point, equal at init, by
+        default; see :func:`pituning.experts.inject.start_interpolation` for ``mixing``, ``share`` and ``init``."""
+        return inject.start_interpolation(self.backbone, pool, mixing=mixing, share=share, init=init)
 
     def interpolation_parameters(self) -> dict[str, nn.Parameter]:
         """Full parameter name -> interpolation logits."""

@@ -154,8 +154,20 @@ def make_datamodule(cfg: SuiteConfig, task: TaskSpec, **extra: Any) -> Any:
 
 
 def stage_kwargs(cfg: SuiteConfig) -> dict[str, Any]:
-    """Keyword arguments every stage module of the suite takes: the backbone's head and the task type."""
-    return {"backbone_task": cfg.backbone_task, "task_type": cfg.task_type}
+    """Keyword arguments every stage module of the suite takes: the backbone's head, dtype and attention, and the
+    task type."""
+    return {
+        "backbone_task": cfg.backbone_task,
+        "task_type": cfg.task_type,
+        "backbone_dtype": cfg.backbone_dtype,
+        "attn_implementation": cfg.attn_implementation,
+    }
+
+
+def _optim_recipe(cfg: SuiteConfig) -> dict[str, Any]:
+    """The training options as a resume recipe records them (the backbone's dtype and attention included, as
+    before they moved to the suite's top level, so a run resumes across the move)."""
+    return {**asdict(cfg.optim), "backbone_dtype": cfg.backbone_dtype, "attn_implementation": cfg.attn_implementation}
 
 
 def _factory(cfg: SuiteConfig, root: str | Path, log_name: str, trainer: TrainerFactory | None) -> TrainerFactory:
@@ -177,14 +189,15 @@ def train_expert(
 ) -> Any:
     """Train expert ``name`` (and its head) on ``datamodule`` and store it in the suite's bank; returns the module.
 
-    ``module`` adds ExpertTrainingModule options (``init_from`` for a baseline that starts from a stored expert).
+    ``module`` adds ExpertTrainingModule options (``init_from`` for a baseline that starts from a stored expert,
+    ``optim`` to train with other options than the suite's).
     ``trainer`` makes the Trainer (default: :func:`make_trainer`); ``fresh_head`` starts a fresh head even where
     ``init_from`` stores one (a source's head for other classes than the target's).
     """
     from pituning.modules import ExpertTrainingModule
 
     location = str(Path(root) / "bank")
-    options = {**cfg.module.module_kwargs(), **stage_kwargs(cfg), **module}
+    options = {"optim": cfg.optim, **stage_kwargs(cfg), **module}
     trained = ExpertTrainingModule(cfg.backbone, cfg.expert, name, location, overwrite=True, **options)
     if fresh_head:
         add_experts = trained.add_experts
@@ -213,16 +226,8 @@ def embed_task(
     """
     from pituning.modules import TaskEmbeddingModule
 
-    optim = cfg.module
     module = TaskEmbeddingModule(
-        cfg.backbone,
-        str(Path(root) / "bank"),
-        name,
-        probe=probe,
-        estimator=cfg.estimator,
-        backbone_dtype=optim.backbone_dtype,
-        attn_implementation=optim.attn_implementation,
-        **stage_kwargs(cfg),
+        cfg.backbone, str(Path(root) / "bank"), name, probe=probe, estimator=cfg.estimator, **stage_kwargs(cfg)
     )
     _factory(cfg, root, f"embed-{name}", trainer)(inference_mode=False).predict(module, datamodule=datamodule)
     return int(module.examples)
@@ -235,9 +240,16 @@ def interpolate(
     interpolated, collapsed and stored as ``<name>_pi``; returns the module and its test accuracy."""
     from pituning.modules import InterpolationModule
 
-    options = {**cfg.module.module_kwargs(), **cfg.interpolation.module_kwargs(), **stage_kwargs(cfg)}
     pi = InterpolationModule(
-        cfg.backbone, str(Path(root) / "bank"), name, k=cfg.k, candidates=candidates, overwrite=True, **options
+        cfg.backbone,
+        str(Path(root) / "bank"),
+        name,
+        k=cfg.k,
+        candidates=candidates,
+        interpolation=cfg.interpolation,
+        optim=cfg.optim,
+        overwrite=True,
+        **stage_kwargs(cfg),
     )
     trainer = make_trainer(cfg, root, f"pi-{name}", max_epochs=cfg.target_epochs)
     trainer.fit(pi, datamodule)
@@ -301,7 +313,7 @@ def train_source(
 
     recipe = {
         "backbone": cfg.backbone, "backbone_task": cfg.backbone_task, "task_type": cfg.task_type, "task": asdict(task),
-        "data": cfg.data, "expert": cfg.expert, "module": asdict(cfg.module), "epochs": cfg.source_epochs,
+        "data": cfg.data, "expert": cfg.expert, "module": _optim_recipe(cfg), "epochs": cfg.source_epochs,
         "probe": probe, "estimator": cfg.estimator, "embed_examples": cfg.embed_examples,
     }  # fmt: skip
     bank = ExpertBank(Path(root) / "bank")
@@ -348,7 +360,7 @@ def run_target(
     name = f"{task.name}_s{seed}"
     recipe = {  # everything a target's row depends on, the sources it may draw from included
         "task": asdict(task), "seed": seed, "shots": cfg.shots, "data": cfg.data, "expert": cfg.expert,
-        "module": asdict(cfg.module), "interpolation": asdict(cfg.interpolation), "epochs": cfg.target_epochs,
+        "module": _optim_recipe(cfg), "interpolation": asdict(cfg.interpolation), "epochs": cfg.target_epochs,
         "k": cfg.k, "baselines": cfg.baselines, "precision": cfg.precision, "probe": probe, "estimator": cfg.estimator,
         "task_type": cfg.task_type, "backbone_task": cfg.backbone_task,
         "sources": {c: sources.get(c) for c in candidates},

@@ -30,6 +30,7 @@ from pituning.interpolation import init_logits, mixing_weights
 
 __all__ = [
     "EXPERT_KINDS",
+    "MIXINGS",
     "ExpertConfig",
     "ExpertHost",
     "ExpertKind",
@@ -48,6 +49,9 @@ _CONFIGS: dict[str, type[ExpertConfig]] = {}
 
 #: Read-only view of the registry: kind name -> config class (live: kinds registered later appear in it).
 EXPERT_KINDS: Mapping[str, type[ExpertConfig]] = MappingProxyType(_CONFIGS)
+
+#: How interpolation logits become weights: ``softmax`` (the paper's) or ``linear`` (the logits are the weights).
+MIXINGS = ("softmax", "linear")
 
 #: Every host attribute starts with this, so generic code (fingerprints, BitFit) can tell expert parameters apart.
 HOST_PREFIX = "pi_"
@@ -344,6 +348,8 @@ class ExpertHost(nn.Module, ABC):
         self.configs: dict[str, ExpertConfig] = {}
         self.active: tuple[str, ...] = ()
         self.pool: tuple[str, ...] = ()
+        self.mixing_mode = "softmax"
+        """How the logits become weights: ``softmax`` or ``linear`` (see :meth:`start_interpolation`)."""
         for pname in self.param_names:
             self.add_module(pname, nn.ParameterDict())
         self.register_parameter(self.logits_name, None)
@@ -431,29 +437,42 @@ class ExpertHost(nn.Module, ABC):
                     f"shapes differ ({shapes[first]} vs {shapes[n]}). Interpolate experts with the same config."
                 )
 
-    def start_interpolation(self, pool: Sequence[str]) -> None:
-        """Interpolate ``pool`` on this module with new equal logits."""
+    def start_interpolation(
+        self, pool: Sequence[str], *, mixing: str = "softmax", logits: nn.Parameter | None = None
+    ) -> None:
+        """Interpolate ``pool`` on this module with new equal logits (or ``logits``, shared with other modules).
+
+        ``mixing``: ``softmax`` (weights ``softmax(logits)``, the paper's) or ``linear`` (the logits are the weights
+        themselves, any sign, no normalisation: a learned merge's coefficients)."""
         missing = [n for n in pool if n not in self.configs]
         if missing:
             raise InterpolationError(
                 f"Experts {missing} are not on {self.module_name}; every pool member must cover the same modules."
             )
+        if mixing not in MIXINGS:
+            raise InterpolationError(f"mixing must be one of {list(MIXINGS)}, got {mixing!r}.")
         self.check_compatible(pool)
         self.pool = tuple(pool)
-        device = next(iter(self.params(self.param_names[0]).values())).device
-        setattr(self, self.logits_name, nn.Parameter(init_logits(len(pool), device=device)))
+        self.mixing_mode = mixing
+        if logits is None:
+            device = next(iter(self.params(self.param_names[0]).values())).device
+            logits = nn.Parameter(init_logits(len(pool), device=device))
+        elif logits.shape != (len(pool),):
+            raise InterpolationError(f"Shared logits of shape {tuple(logits.shape)} for a pool of {len(pool)}.")
+        setattr(self, self.logits_name, logits)
 
     def stop_interpolation(self) -> None:
         """Leave interpolation mode (the logits are dropped)."""
         self.pool = ()
+        self.mixing_mode = "softmax"
         setattr(self, self.logits_name, None)
 
     def mixing(self) -> Tensor:
-        """Current interpolation weights ``alpha = softmax(logits)`` ``(k,)``."""
+        """Current interpolation weights ``(k,)``: ``softmax(logits)``, or the logits themselves (``linear``)."""
         logits = self.logits
         if logits is None:
             raise InterpolationError(f"{self.module_name} is not interpolating; call interpolate(pool) first.")
-        return mixing_weights(logits)
+        return logits.float() if self.mixing_mode == "linear" else mixing_weights(logits)
 
     def layout(self) -> dict[str, Any]:
         """What an exporter needs to know about this module beyond the tensors (JSON-ready)."""

@@ -173,8 +173,25 @@ def active_experts(model: nn.Module) -> list[str]:
     return list(out)
 
 
-def start_interpolation(model: nn.Module, pool: Sequence[str]) -> dict[str, int]:
-    """Interpolate the experts of ``pool`` on every module they share, with fresh equal logits.
+def start_interpolation(
+    model: nn.Module,
+    pool: Sequence[str],
+    *,
+    mixing: str = "softmax",
+    share: str = "module",
+    init: Sequence[float] | None = None,
+) -> dict[str, int]:
+    """Interpolate the experts of ``pool`` on every module they share.
+
+    Args:
+        model: the model holding the experts.
+        pool: the experts to interpolate, in order.
+        mixing: ``softmax`` (weights ``softmax(logits)``, summing to one: the paper's) or ``linear`` (the logits are
+            the weights: a learned merge's coefficients, any sign).
+        share: which modules share one logits vector: ``module`` (each insertion point its own, the paper's),
+            ``layer`` (the insertion points of one block, by the first number in the module's name) or ``task``
+            (one vector for the whole model).
+        init: initial logits (default zeros: equal weights under ``softmax``, no expert under ``linear``).
 
     Returns:
         Module name -> pool size for every module that now interpolates.
@@ -208,12 +225,36 @@ def start_interpolation(model: nn.Module, pool: Sequence[str]) -> dict[str, int]
                 "were injected with the same targets."
             )
         host.check_compatible(pool)
+    if share not in SHARES:
+        raise InterpolationError(f"share must be one of {list(SHARES)}, got {share!r}.")
+    start = torch.zeros(len(pool)) if init is None else torch.as_tensor(list(init), dtype=torch.float32)
+    if start.shape != (len(pool),) or not bool(torch.isfinite(start).all()):
+        raise InterpolationError(f"init needs {len(pool)} finite logits (one per pool member), got {list(init or [])}.")
     for _, _, host in iter_hosts(model):
         host.stop_interpolation()
         host.active = ()
-    for _, host in hosts:
-        host.start_interpolation(pool)
+    shared: dict[str, nn.Parameter] = {}
+    for module_name, host in hosts:
+        group = _share_group(module_name, share)
+        if group not in shared:
+            device = next(iter(host.params(host.param_names[0]).values())).device
+            shared[group] = nn.Parameter(start.clone().to(device))
+        host.start_interpolation(pool, mixing=mixing, logits=shared[group])
     return {m: len(pool) for m, _ in hosts}
+
+
+#: ``share`` options of :func:`start_interpolation`: which insertion points share one logits vector.
+SHARES = ("module", "layer", "task")
+
+
+def _share_group(module_name: str, share: str) -> str:
+    """The logits group of ``module_name``: itself, its block (the first number in its dotted name), or all."""
+    if share == "task":
+        return ""
+    if share == "layer":
+        number = next((part for part in module_name.split(".") if part.isdigit()), None)
+        return number if number is not None else module_name
+    return module_name
 
 
 def stop_interpolation(model: nn.Module, *, activate: Sequence[str] = ()) -> None:

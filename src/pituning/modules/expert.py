@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from pituning.bank import Expert, ExpertBank, TaskInfo
+from pituning.config import OptimConfig, fold_flat_options
 from pituning.errors import ConfigError
 from pituning.experts.base import ExpertConfig, config_from_dict
 from pituning.fisher import log_likelihood
@@ -37,15 +39,13 @@ class ExpertTrainingModule(StageModule):
         num_classes: classes; by default read from the DataModule.
         init_from: start from this bank expert (its weights and head) instead of a fresh expert: the
             "best source as initialisation" baseline, and evaluation of a stored expert.
-        lr: learning rate of the expert.
-        head_lr: learning rate of the head (default ``lr``).
-        weight_decay: AdamW weight decay.
-        warmup_ratio: linear warm-up over this fraction of the steps, then linear decay to zero.
-        label_smoothing: cross-entropy label smoothing.
-        dropout: dropout on pooled features.
+        optim: how the expert and the head train (:class:`~pituning.config.OptimConfig`: ``lr``, ``head_lr``,
+            ``weight_decay``, ``warmup_ratio``, ``label_smoothing``, ``dropout``), the suite's ``optim:`` too; a
+            mapping of those options works as well.
         backbone_dtype: ``bfloat16`` keeps the frozen backbone in bf16 (bf16-true); experts stay fp32.
         attn_implementation: ``eager`` or ``sdpa``.
         overwrite: replace a bank entry of the same name.
+        **flat: deprecated: the ``optim`` options one by one (``lr=1e-3``), as before the typed configs.
     """
 
     def __init__(
@@ -59,22 +59,33 @@ class ExpertTrainingModule(StageModule):
         task_type: str = "classification",
         num_classes: int | None = None,
         init_from: str | None = None,
-        lr: float = 1e-3,
-        head_lr: float | None = None,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.06,
-        label_smoothing: float = 0.0,
-        dropout: float = 0.0,
+        optim: OptimConfig | None = None,
         backbone_dtype: str | None = None,
         attn_implementation: str | None = None,
         overwrite: bool = False,
+        **flat: Any,
     ) -> None:
         super().__init__()
         if backbone_dtype not in BACKBONE_DTYPES:
             raise ConfigError(f"backbone_dtype must be float32, bfloat16 or None, got {backbone_dtype!r}.")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
-        self.save_hyperparameters()
+        self.optim = fold_flat_options(optim, OptimConfig, "optim", flat, type(self).__name__)
+        """The training options (typed)."""
+        self.save_hyperparameters(
+            {
+                "backbone": backbone,
+                "expert": expert,
+                "expert_name": expert_name,
+                "bank": bank,
+                "backbone_task": backbone_task,
+                "task_type": task_type,
+                "num_classes": num_classes,
+                "init_from": init_from,
+                "optim": dataclasses.asdict(self.optim),  # plain, so a checkpoint's hparams reload without pickle
+                "backbone_dtype": backbone_dtype,
+                "attn_implementation": attn_implementation,
+                "overwrite": overwrite,
+            }
+        )
         self.expert_config: ExpertConfig = config_from_dict(expert or {"kind": "lora"})
         self.expert_name = expert_name
         self.bank_location = bank
@@ -105,7 +116,9 @@ class ExpertTrainingModule(StageModule):
         experts = self.load_experts()
         head_state = self.add_experts(experts)
         hp = self.hp
-        self.task_model = TaskModel(experts, hp.task_type, num_classes, candidates=candidates, dropout=hp.dropout)
+        self.task_model = TaskModel(
+            experts, hp.task_type, num_classes, candidates=candidates, dropout=self.optim.dropout
+        )
         if head_state is not None:
             try:
                 self.task_model.head.load_state_dict(head_state)
@@ -150,7 +163,7 @@ class ExpertTrainingModule(StageModule):
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if logits.dim() == 3:  # text-to-text: token cross-entropy
             return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.hp.label_smoothing)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.optim.label_smoothing)
 
     def predict_classes(self, batch: dict[str, Tensor]) -> Tensor:
         """Predicted class per example (text-to-text: the class whose target text is most likely)."""
@@ -223,18 +236,18 @@ class ExpertTrainingModule(StageModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW parameter groups: the expert(s) and the head."""
         assert self.task_model is not None
-        hp = self.hp
+        optim = self.optim
         head = [p for p in self.task_model.head.parameters() if p.requires_grad]
         head_ids = {id(p) for p in head}
         experts = [p for p in self.task_model.parameters() if p.requires_grad and id(p) not in head_ids]
-        groups = [{"params": experts, "lr": hp.lr, "name": "experts"}]
+        groups = [{"params": experts, "lr": optim.lr, "name": "experts"}]
         if head:
-            groups.append({"params": head, "lr": hp.head_lr or hp.lr, "name": "head"})
+            groups.append({"params": head, "lr": optim.head_lr or optim.lr, "name": "head"})
         return [g for g in groups if g["params"]]
 
     def lr_factor(self, group: dict[str, Any], step: int, *, total: int) -> float:
         """Linear warm-up then linear decay to zero."""
-        warmup = int(self.hp.warmup_ratio * total)
+        warmup = int(self.optim.warmup_ratio * total)
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
@@ -243,7 +256,7 @@ class ExpertTrainingModule(StageModule):
         groups = self.param_groups()
         if not groups:
             raise ConfigError("Nothing to train: no parameter requires a gradient.")
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.optim.weight_decay)
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 1000
         lambdas: list[Callable[[int], float]] = [

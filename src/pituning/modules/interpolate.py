@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any
 
@@ -9,12 +10,24 @@ import torch
 from torch import Tensor
 
 from pituning.bank import ExpertBank, average_heads
+from pituning.config import InterpolationConfig, fold_flat_options
 from pituning.errors import BankError, ConfigError
-from pituning.experts.inject import check_train_mode
 from pituning.model import ExpertModel
 from pituning.modules.expert import ExpertTrainingModule
 
 __all__ = ["PREDICTORS", "InterpolationModule", "rank_by_few_shot_loss", "select_sources"]
+
+
+def _has_split(datamodule: Any, split: str) -> bool:
+    """Whether ``datamodule`` has a non-empty ``split`` (``val`` ...)."""
+    try:
+        return len(getattr(datamodule, f"{split}_dataloader")()) > 0
+    except Exception:  # no such split, or a DataModule that raises for it
+        return False
+
+
+def _last(p: Tensor) -> Tensor:
+    return torch.tensor([p.shape[0] - 1], device=p.device)
 
 
 def select_sources(
@@ -54,6 +67,7 @@ def select_sources(
 
 PREDICTORS = ("fisher", "few_shot_loss")
 HEAD_INITS = ("target", "best_source", "sources", "fresh")
+_INTERPOLATION_FIELDS = frozenset(f.name for f in dataclasses.fields(InterpolationConfig))
 
 
 def rank_by_few_shot_loss(
@@ -125,28 +139,13 @@ class InterpolationModule(ExpertTrainingModule):
         sources: the source experts; by default the ``k`` most similar to ``target``.
         candidates: the entries ``sources`` are chosen among (default: every comparable bank entry).
         k: how many sources (0 trains the target expert alone through the same code path).
-        target_init: ``fresh`` (a new expert) or ``trained`` (the stored target expert).
-        mode: ``experts_and_weights`` or ``weights_only``.
-        logits_lr: learning rate of the interpolation logits (the experts use ``lr``).
-        source_lr: learning rate of the source experts in the pool (default ``lr``, which the target expert keeps):
-            lower keeps more of what the sources learned on their full data while the few shots train the
-            target expert and the logits; ``0`` freezes the sources' parameters (they still mix).
-        weights_only_steps: train only the logits (and the head) for this many steps first.
+        interpolation: how the pool is interpolated (:class:`~pituning.config.InterpolationConfig`: ``mode``,
+            ``target_init``, ``logits_lr``, ``source_lr``, ``weights_only_steps``, ``rescale``, ``predictor``,
+            ``head_init``, ``init_weights``, ``logits_data``; documented there), the suite's ``interpolation:`` too.
         output_name: name of the collapsed expert (default ``<target>_pi``).
-        rescale: Fisher rescaling for the similarity (``unit_mean`` or ``none``).
-        predictor: how sources are ranked: ``fisher`` (similarity of the stored task embeddings) or
-            ``few_shot_loss`` (each source expert's loss, with its own head, on the target's training shots; needs
-            ``candidates``).
-        head_init: ``target`` (the target expert's stored head), ``best_source`` (the head of the top-ranked source,
-            when its classes are the target's), ``sources`` (the selected sources' heads averaged with the sources'
-            share of ``init_weights``, the head that matches the interpolated experts; needs heads of one shape) or
-            ``fresh``.
-        init_weights: initial interpolation weights of the pool, sources in rank order then the target expert
-            (normalised; default equal). For example ``[0.7, 0.1, 0.1, 0.1]`` starts near the best-ranked source.
-        logits_data: ``train`` (the logits learn on the training batches, like the experts) or ``holdout`` (on the
-            DataModule's validation split, cycled, one batch per step: give it ``holdout_shots`` so that split is
-            a held-out slice of the shots the experts never see).
-        **kwargs: :class:`ExpertTrainingModule` options (``backbone``, ``bank``, ``lr``, ...).
+        expert: config of a fresh target expert (default: the stored target expert's).
+        **kwargs: :class:`ExpertTrainingModule` options (``optim``, ``backbone_task``, ``task_type`` ...); the
+            ``interpolation`` options one by one are deprecated.
     """
 
     def __init__(
@@ -158,57 +157,35 @@ class InterpolationModule(ExpertTrainingModule):
         sources: list[str] | None = None,
         candidates: list[str] | None = None,
         k: int = 3,
-        target_init: str = "fresh",
-        mode: str = "experts_and_weights",
-        logits_lr: float = 5e-2,
-        source_lr: float | None = None,
-        weights_only_steps: int = 0,
+        interpolation: InterpolationConfig | None = None,
         output_name: str | None = None,
-        rescale: str = "unit_mean",
-        predictor: str = "fisher",
-        head_init: str = "target",
-        init_weights: list[float] | None = None,
-        logits_data: str = "train",
         expert: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        check_train_mode(mode)
-        if target_init not in ("fresh", "trained"):
-            raise ConfigError(f"target_init must be 'fresh' or 'trained', got {target_init!r}.")
-        if head_init not in HEAD_INITS:
-            raise ConfigError(f"head_init must be one of {list(HEAD_INITS)}, got {head_init!r}.")
-        if source_lr is not None and source_lr < 0:
-            raise ConfigError(f"source_lr must be >= 0 (0 freezes the source experts), got {source_lr}.")
-        if k < 0:
-            raise ConfigError(f"k must be >= 0, got {k}.")
-        if logits_data not in ("train", "holdout"):
-            raise ConfigError(f"logits_data must be 'train' or 'holdout', got {logits_data!r}.")
-        if init_weights is not None and (len(init_weights) != k + 1 or min(init_weights) <= 0):
-            raise ConfigError(
-                f"init_weights needs k + 1 = {k + 1} positive weights (the sources in rank order, then the target "
-                f"expert), got {init_weights}."
-            )
-        if predictor not in PREDICTORS:
-            raise ConfigError(f"predictor must be one of {list(PREDICTORS)}, got {predictor!r}.")
-        if predictor == "few_shot_loss" and candidates is None and sources is None:
+        flat = {key: kwargs.pop(key) for key in list(kwargs) if key in _INTERPOLATION_FIELDS}
+        kwargs.pop("expert_name", None)  # a checkpoint's hparams carry the parent's; it is always <target>_target
+        interp = fold_flat_options(interpolation, InterpolationConfig, "interpolation", flat, type(self).__name__)
+        if not isinstance(k, int) or k < 0:
+            raise ConfigError(f"k must be an integer >= 0, got {k!r}.")
+        members = k + 1 if interp.include_target else k
+        if interp.init_weights is not None and len(interp.init_weights) != members:
+            where = "the sources in rank order, then the target expert" if interp.include_target else "the sources"
+            raise ConfigError(f"init_weights needs {members} weights ({where}), got {list(interp.init_weights)}.")
+        if not interp.include_target and k < 1:
+            raise ConfigError("include_target: false interpolates the sources alone: it needs k >= 1.")
+        if interp.predictor == "few_shot_loss" and candidates is None and sources is None:
             raise ConfigError("predictor='few_shot_loss' needs candidates=[...] (the source experts to rank).")
         # set before the parent's __init__, which may already build the pool (when num_classes is given)
         self.target = target
+        self.interpolation = interp
+        """The interpolation options (typed)."""
         self.opts: dict[str, Any] = {
+            **dataclasses.asdict(interp),
+            "init_weights": list(interp.init_weights) if interp.init_weights is not None else None,
             "sources": sources,
             "candidates": candidates,
             "k": k,
-            "target_init": target_init,
-            "mode": mode,
-            "logits_lr": logits_lr,
-            "source_lr": source_lr,
-            "weights_only_steps": weights_only_steps,
             "output_name": output_name,
-            "rescale": rescale,
-            "predictor": predictor,
-            "head_init": head_init,
-            "init_weights": init_weights,
-            "logits_data": logits_data,
         }
         self._holdout: Any = None
         self._holdout_grads: list[Tensor | None] = []
@@ -216,7 +193,19 @@ class InterpolationModule(ExpertTrainingModule):
         self.pool: list[str] = []
         stored_config = ExpertBank(bank, create=False).get(target).config.to_dict()
         super().__init__(backbone, expert or stored_config, f"{target}_target", bank, **kwargs)
-        self.save_hyperparameters()
+        parent = {key: value for key, value in self.hparams.items() if key not in ("expert", "expert_name")}
+        self.save_hyperparameters(
+            {
+                **parent,
+                "target": target,
+                "sources": sources,
+                "candidates": candidates,
+                "k": k,
+                "interpolation": {**dataclasses.asdict(interp), "init_weights": self.opts["init_weights"]},
+                "output_name": output_name,
+                "expert": expert,
+            }
+        )
 
     def add_experts(self, experts: ExpertModel) -> dict[str, Tensor] | None:
         hp = self.opts
@@ -244,22 +233,35 @@ class InterpolationModule(ExpertTrainingModule):
         for name, _ in self.selected:
             bank.load_into(experts, name, activate=False)
         target = bank.get(self.target)
-        if hp["target_init"] == "trained":
+        if not hp["include_target"]:
+            pass  # the sources alone (a control): no target expert in the model
+        elif hp["target_init"] == "trained":
             bank.load_into(experts, self.target, as_name=self.expert_name, activate=False)
         else:
             experts.add_expert(self.expert_name, self.expert_config, activate=False)
-        self.pool = [name for name, _ in self.selected] + [self.expert_name]
-        experts.interpolate(self.pool)
-        if hp["init_weights"] is not None:
-            prior = torch.tensor(hp["init_weights"], dtype=torch.float32)
-            with torch.no_grad():
-                for logits in experts.interpolation_parameters().values():
-                    logits.copy_(torch.log(prior / prior.sum()).to(logits.device))
+        self.pool = [name for name, _ in self.selected] + ([self.expert_name] if hp["include_target"] else [])
+        experts.interpolate(self.pool, mixing=hp["mixing"], share=hp["share"], init=self._initial_logits())
         if hp["head_init"] == "best_source" and self.selected:
             return bank.get(self.selected[0][0]).head
         if hp["head_init"] == "sources" and self.selected:
             return self._sources_head(bank)
         return target.head if hp["head_init"] == "target" else None
+
+    def _initial_logits(self) -> list[float]:
+        """Starting logits of the pool: ``log`` of the normalised ``init_weights`` (softmax), the weights themselves
+        (linear), or the defaults (equal weights; linear: every source 0 and the target 1)."""
+        init, hp = self.opts["init_weights"], self.opts
+        n = len(self.pool)
+        if hp["mixing"] == "linear":
+            if init is not None:
+                return [float(w) for w in init]
+            if hp["include_target"]:
+                return [0.0] * (n - 1) + [1.0]
+            return [1.0 / n] * n  # the sources alone: start at their average
+        if init is None:
+            return [0.0] * n
+        prior = torch.tensor(init, dtype=torch.float64)
+        return torch.log(prior / prior.sum()).tolist()  # type: ignore[no-any-return]
 
     def _sources_head(self, bank: ExpertBank) -> dict[str, Tensor]:
         """The selected sources' heads averaged with their share of ``init_weights`` (equal by default)."""
@@ -368,6 +370,7 @@ class InterpolationModule(ExpertTrainingModule):
         assert self.task_model is not None
         hp = self.opts
         name = hp["output_name"] or f"{self.target}_pi"
+        guard = self._guard() if hp["guard"] else None
         weights = self.mean_weights()
         per_module = self.task_model.experts.interpolation_weights()
         self.task_model.experts.collapse(name)
@@ -383,5 +386,54 @@ class InterpolationModule(ExpertTrainingModule):
             "target_init": hp["target_init"],
             "init_weights": hp["init_weights"],
             "logits_data": hp["logits_data"],
+            "mixing": hp["mixing"],
+            "share": hp["share"],
+            "include_target": hp["include_target"],
+            **({"guard": guard} if guard is not None else {}),
         }
         return name, provenance
+
+    def _guard(self) -> dict[str, Any]:
+        """``guard``: the mixture's mean loss against the target expert's alone inside the pool (every source's weight
+        zero), on the validation split when there is one, else the training shots; when the target alone is better
+        (lower loss), the weights are set to it, so the collapsed expert is the target expert."""
+        assert self.task_model is not None
+        datamodule = self.datamodule()
+        if datamodule is None:
+            raise ConfigError("interpolation.guard needs the target's DataModule (fit with a datamodule).")
+        loader = datamodule.val_dataloader() if _has_split(datamodule, "val") else datamodule.train_dataloader()
+        batches = [{k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in b.items()} for b in loader]
+        logits = list(self.task_model.experts.interpolation_parameters().values())
+        learned = [p.detach().clone() for p in logits]
+        alone = [0.0] * (len(self.pool) - 1) + [1.0] if self.opts["mixing"] == "linear" else None
+        mixture_loss = self._mean_loss(batches)
+        with torch.no_grad():
+            for p in logits:  # softmax: the target's logit far above the others gives it weight 1 (to fp32 precision)
+                p.copy_(
+                    torch.tensor(alone) if alone is not None else torch.full_like(p, -1e4).index_fill(0, _last(p), 0)
+                )
+        target_loss = self._mean_loss(batches)
+        kept = "target" if target_loss < mixture_loss else "mixture"
+        if kept == "mixture":
+            with torch.no_grad():
+                for p, value in zip(logits, learned, strict=True):
+                    p.copy_(value)
+        return {"mixture_loss": mixture_loss, "target_loss": target_loss, "kept": kept}
+
+    def _mean_loss(self, batches: list[dict[str, Any]]) -> float:
+        assert self.task_model is not None
+        was = self.task_model.training
+        self.task_model.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    n = int(batch["labels"].shape[0])
+                    logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+                    total += float(self._loss(logits, batch["labels"])) * n
+                    count += n
+        finally:
+            self.task_model.train(was)
+        if not count:
+            raise ConfigError("interpolation.guard found no examples to compare the mixture and the target expert on.")
+        return total / count
