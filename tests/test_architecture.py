@@ -36,7 +36,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("pituning",),  # the facade, pituning/__init__.py (this one by name only, not as a prefix)
     "config": ("pituning.config",),
     "lightning": ("pituning.modules", "pituning.data", "pituning.datasets"),
-    "orchestration": ("pituning.pipeline", "pituning.report", "pituning.suite"),
+    "orchestration": ("pituning.pipeline", "pituning.report", "pituning.suite", "pituning.methods"),
     "cli": ("pituning.cli",),
 }
 RANK = {layer: i for i, layer in enumerate(LAYERS)}

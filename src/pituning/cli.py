@@ -8,8 +8,8 @@ Trainer stages (LightningCLI: ``--config file.yaml``, ``--model.*``, ``--data.*`
 - ``pituning evaluate``: test a stored expert (``--model.init_from NAME``).
 
 Plain commands: ``pituning graph``, ``pituning export``, ``pituning run --config suite.yaml`` and
-``pituning bank list | show | remove | verify | recover | import-peft | export-peft``. ``main(args)`` is callable from
-tests and returns the exit status.
+``pituning bank list | show | remove | verify | recover | merge | import-peft | export-peft``. ``main(args)`` is
+callable from tests and returns the exit status.
 """
 
 from __future__ import annotations
@@ -133,6 +133,23 @@ def build_parser() -> ArgumentParser:
         'to a JSON/YAML file, e.g. \'{"family": "bart", "roles": {"query": "..."}}\'.',
     )
     sub.add_subcommand("import-peft", imp, help="Import a PEFT adapter.")
+
+    merge = _bank_parser(
+        "Merge stored experts into one plain expert of their kind (no training): linear (task arithmetic), ties, "
+        "dare_linear, dare_ties, magnitude_prune, concat or svd; see docs/recycling.md."
+    )
+    merge.add_argument("names", nargs="+", help="Experts to merge (one kind, one backbone).")
+    merge.add_argument("--name", required=True, help="Name of the merged expert.")
+    merge.add_argument("--method", default="linear", help="Merge method (default linear).")
+    merge.add_argument("--weights", type=list[float] | None, default=None, help="One weight per expert (default 1/n).")
+    merge.add_argument("--density", type=float, default=1.0, help="Share of entries kept by ties, dare, prune.")
+    merge.add_argument("--seed", type=int, default=0, help="Seed of DARE's random drop.")
+    merge.add_argument("--rank", type=int | None, default=None, help="LoRA rank of the result (svd; others: exact).")
+    merge.add_argument(
+        "--lora-space", default="delta", help="delta (merge the updates B A, exact) or factors (A and B, as PEFT)."
+    )
+    merge.add_argument("--overwrite", action="store_true", help="Replace an expert of the same name.")
+    sub.add_subcommand("merge", merge, help="Merge experts.")
 
     exp = _bank_parser("Export a LoRA (or prefix) expert as a PEFT adapter directory.")
     exp.add_argument("name", help="Expert name.")
@@ -269,6 +286,23 @@ def _run_bank(cfg: Namespace) -> int:
         task = TaskInfo(name=opts.task or opts.name, modality=opts.modality)
         expert = bank.import_peft(opts.adapter_dir, model, opts.name, task, overwrite=opts.overwrite)
         print(f"imported {expert.name} ({expert.config.kind}) into {bank.location}")
+        return 0
+    if action == "merge":
+        merged = bank.merge(
+            opts.names,
+            opts.weights,
+            method=opts.method,
+            name=opts.name,
+            density=opts.density,
+            seed=opts.seed,
+            rank=opts.rank,
+            lora_space=opts.lora_space,
+            overwrite=opts.overwrite,
+        )
+        weights = merged.provenance.get("weights")
+        print(
+            f"merged {', '.join(opts.names)} ({opts.method}, weights {weights}) into {merged.name} in {bank.location}"
+        )
         return 0
     if action == "export-peft":
         out = bank.export_peft(

@@ -203,7 +203,7 @@ class TaskSpec:
 
 
 BASELINES = ("best_source_init", "uniform_average")
-"""Baselines a suite can run beside π-Tuning on the same shots and epochs."""
+"""The methods a suite runs beside π-Tuning by default."""
 
 
 def typed_config(value: Any, cls: type[_C], option: str) -> _C:
@@ -311,17 +311,26 @@ class SuiteConfig:
     """Lightning precision (``bf16-mixed`` ...)."""
     accelerator: str = "auto"
     """Lightning accelerator."""
-    baselines: list[Literal["best_source_init", "uniform_average"]] = field(
-        default_factory=lambda: ["best_source_init", "uniform_average"]
-    )
-    """Extra baselines on the same shots and epochs: ``best_source_init`` (the top-ranked source expert and its
-    head, fine-tuned) and ``uniform_average`` (the parameter average of the top-k sources, fine-tuned)."""
+    methods: list[str] = field(default_factory=lambda: ["best_source_init", "uniform_average"])
+    """Other ways of reusing the sources, run beside the target expert alone and π-Tuning on the same shots and
+    epochs and reported side by side: ``best_source_init``, ``uniform_average``, the merges (``task_arithmetic``,
+    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``concat``, ``svd``), ``lorahub``, ``arrow``,
+    π-Tuning's variants (``pi_linear``, ``pi_layer_weights``, ``pi_task_weights``, ``pi_guard``) and the controls
+    (``random_pool``, ``random_parameters``, ``pi_without_target``); see docs/recycling.md."""
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options per method, e.g. ``{ties: {density: 0.3}, lorahub: {budget: 60}}``."""
+    baselines: list[str] | None = None
+    """Deprecated spelling of ``methods`` (it will be removed in the next release)."""
     devices: Any = 1
     """Lightning devices."""
     collapsed_sources: Literal["warn", "exclude", "error"] = "warn"
     """What to do with a source expert that is no better than always predicting its majority class (checked on its
     own test set right after training): ``warn`` (use it, flag it in the log and the results), ``exclude`` (leave it
     out of every target's candidates) or ``error`` (stop with an ``ExpertError``)."""
+    library: str | None = None
+    """A bank (directory or URL) of experts without their data, such as imported PEFT adapters: every entry joins the
+    candidate sources (copied into the suite's bank) and is ranked on each target's shots
+    (``interpolation.predictor: few_shot_loss``); ``sources`` may then be empty."""
     module: dict[str, Any] | None = None
     """Deprecated spelling of ``optim`` (it will be removed in the next release)."""
 
@@ -357,16 +366,40 @@ class SuiteConfig:
         self.embedding  # noqa: B018 - checks estimator and embed_examples
         check_choice(self.collapsed_sources, "collapsed_sources", ("warn", "exclude", "error"))
         check_choice(self.task_type, "task_type", ("classification", "matching", "text_to_text"))
-        for baseline in self.baselines:
-            check_choice(baseline, "baselines[]", BASELINES)
+        if self.baselines is not None:
+            warnings.warn(
+                "The suite option baselines: is deprecated and will be removed in the next release; rename it "
+                "methods:.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            set_(self, "methods", list(self.baselines))
+            set_(self, "baselines", None)
+        if not isinstance(self.methods, list) or not all(isinstance(m, str) for m in self.methods):
+            raise ConfigError(f"methods must be a list of method names, got {self.methods!r}.")
+        twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if twice or {"alone", "pi"} & set(self.methods):
+            raise ConfigError(
+                f"methods lists {sorted(set(twice) | ({'alone', 'pi'} & set(self.methods)))} more than once (the "
+                "target expert alone and π-Tuning always run); list each other method once."
+            )
+        if not isinstance(self.method_options, Mapping) or not all(
+            isinstance(v, Mapping) for v in self.method_options.values()
+        ):
+            raise ConfigError(f"method_options must map method names to option mappings, got {self.method_options!r}.")
         names = [t.name for t in self.sources] + [t.name for t in self.targets]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ConfigError(f"Task names must be unique across sources and targets; {twice} appear twice.")
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k must be an integer >= 1 (the sources interpolated per target), got {self.k!r}.")
-        if self.k > len(self.sources):
+        if self.library is None and self.k > len(self.sources):
             raise ConfigError(f"k={self.k} but the suite has only {len(self.sources)} source task(s); lower k.")
+        if self.library is not None and self.interpolation.predictor != "few_shot_loss":
+            raise ConfigError(
+                "A library's experts come without their training data, so they have no task embedding to rank by: set "
+                "interpolation: {predictor: few_shot_loss} (each candidate scored on the target's shots)."
+            )
         if not isinstance(self.shots, int) or self.shots < 1:
             raise ConfigError(f"shots must be an integer >= 1 (examples per class of each target), got {self.shots!r}.")
         if not self.seeds:

@@ -353,48 +353,59 @@ def run_target(
     say: Callable[[str], None],
     sources: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """One target and seed: the target expert alone, its embedding, π-Tuning and the suite's baselines on the same
-    shots and epochs, unless measured already from the same recipe; returns the row of results."""
+    """One target and seed: the target expert alone, its embedding, π-Tuning and the suite's ``methods`` on the same
+    shots and epochs; returns the row of results (``row[method]`` the accuracy, ``row["methods"][method]`` what each
+    method used). Each part is cached with its own recipe: a rerun skips what was measured, and adding a method to a
+    suite runs only that method."""
     import lightning.pytorch as pl
+
+    from pituning.methods import METHODS, MethodRun
 
     name = f"{task.name}_s{seed}"
     recipe = {  # everything a target's row depends on, the sources it may draw from included
         "task": asdict(task), "seed": seed, "shots": cfg.shots, "data": cfg.data, "expert": cfg.expert,
         "module": _optim_recipe(cfg), "interpolation": asdict(cfg.interpolation), "epochs": cfg.target_epochs,
-        "k": cfg.k, "baselines": cfg.baselines, "precision": cfg.precision, "probe": probe, "estimator": cfg.estimator,
+        "k": cfg.k, "precision": cfg.precision, "probe": probe, "estimator": cfg.estimator,
         "task_type": cfg.task_type, "backbone_task": cfg.backbone_task,
         "sources": {c: sources.get(c) for c in candidates},
     }  # fmt: skip
-    stored = cache.get(name, recipe)
-    if stored is not None and f"{name}_pi" in ExpertBank(Path(root) / "bank"):
-        say(f"target {name}: measured already, from the same recipe")
-        return stored
     datamodule = make_datamodule(cfg, task, shots_per_class=cfg.shots, seed=seed)
-    say(f"target {name}: expert alone ({cfg.shots} shots per class)")
-    pl.seed_everything(seed, verbose=False)
-    alone = train_expert(cfg, root, name, datamodule, cfg.target_epochs, log_name=f"alone-{name}")
-    alone_acc = float(alone.trainer.test(alone, datamodule, verbose=False)[0]["test_acc"])
-    embed_task(cfg, root, name, datamodule, probe)
-    say(f"target {name}: π-Tuning with k={cfg.k}")
-    pl.seed_everything(seed, verbose=False)
-    pi, pi_acc = interpolate(cfg, root, name, datamodule, candidates)
-    ranked = [n for n, _ in pi.selected]
-    extra: dict[str, float] = {}
-    for baseline in cfg.baselines if ranked else []:
-        say(f"target {name}: baseline {baseline}")
-        extra[baseline] = run_baseline(cfg, root, name, seed, baseline, ranked, datamodule)
-    row = {
-        "target": task.name,
-        "seed": seed,
-        "alone": alone_acc,
-        **extra,
-        "pi": pi_acc,
-        "sources": ranked,
-        "similarities": dict(pi.selected),
-        "mean_weights": pi.mean_weights() if pi.stored is None else pi.stored.provenance["mean_weights"],
-    }
-    say(f"target {name}: alone {alone_acc:.4f}, π-Tuning {pi_acc:.4f}")
-    cache.put(name, recipe, row)  # a rerun (after a crash, or with more seeds) skips the targets measured already
+    row = cache.get(name, recipe)
+    if row is not None and f"{name}_pi" in ExpertBank(Path(root) / "bank"):
+        say(f"target {name}: expert alone and π-Tuning measured already, from the same recipe")
+    else:
+        say(f"target {name}: expert alone ({cfg.shots} shots per class)")
+        pl.seed_everything(seed, verbose=False)
+        alone = train_expert(cfg, root, name, datamodule, cfg.target_epochs, log_name=f"alone-{name}")
+        alone_acc = float(alone.trainer.test(alone, datamodule, verbose=False)[0]["test_acc"])
+        embed_task(cfg, root, name, datamodule, probe)
+        say(f"target {name}: π-Tuning with k={cfg.k}")
+        pl.seed_everything(seed, verbose=False)
+        pi, pi_acc = interpolate(cfg, root, name, datamodule, candidates)
+        row = {
+            "target": task.name,
+            "seed": seed,
+            "alone": alone_acc,
+            "pi": pi_acc,
+            "sources": [n for n, _ in pi.selected],
+            "similarities": dict(pi.selected),
+            "mean_weights": pi.mean_weights() if pi.stored is None else pi.stored.provenance["mean_weights"],
+        }
+        say(f"target {name}: alone {alone_acc:.4f}, π-Tuning {pi_acc:.4f}")
+        cache.put(name, recipe, row)
+    row["methods"] = {}
+    run = MethodRun(cfg, Path(root), task, seed, datamodule, list(candidates), list(row["sources"]), say)
+    for method in cfg.methods if row["sources"] else []:
+        method_recipe = {**recipe, "method": method, "options": cfg.method_options.get(method, {})}
+        measured = cache.get(f"{name}:{method}", method_recipe)
+        if measured is None:
+            say(f"target {name}: {method}")
+            result = METHODS[method].run(run)
+            measured = {"acc": result.acc, "provenance": result.provenance}
+            cache.put(f"{name}:{method}", method_recipe, measured)
+            say(f"target {name}: {method} {result.acc:.4f}")
+        row[method] = measured["acc"]
+        row["methods"][method] = measured["provenance"]
     return plain(row)  # type: ignore[no-any-return]
 
 

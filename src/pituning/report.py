@@ -21,13 +21,16 @@ from pituning.errors import ConfigError
 __all__ = [
     "METHOD_TITLES",
     "ExpertQuality",
+    "bootstrap_interval",
     "comparison",
     "expert_quality",
     "machine",
     "paired_difference",
+    "paired_statistics",
     "quality_table",
     "suite_markdown",
     "summarise",
+    "wilcoxon_p",
 ]
 
 METHOD_TITLES = {
@@ -119,6 +122,75 @@ def paired_difference(ours: list[float], theirs: list[float], *, scale: float = 
     return {"mean": statistics.fmean(diffs), "std": std, "wins": sum(d > 0 for d in diffs), "n": len(diffs)}
 
 
+def bootstrap_interval(
+    diffs: Sequence[float], *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``diffs``: ``resamples`` resamples with replacement (seeded), the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of their means. One value gives ``(value, value)``.
+
+    >>> bootstrap_interval([1.0, 2.0, 3.0, 4.0])
+    (1.5, 3.5)
+    """
+    if not diffs:
+        raise ConfigError("A bootstrap interval needs at least one paired difference.")
+    values = torch.tensor(list(diffs), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(values), (resamples, len(values)), generator=gen)
+    means = values[picks].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(low), float(high)
+
+
+def wilcoxon_p(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the Wilcoxon signed-rank test that the paired differences are centred on zero.
+
+    Zeros are dropped (Wilcoxon's convention) and tied magnitudes get their average rank; the p-value is exact (the
+    null distribution of the positive rank sum enumerated over every sign assignment, by dynamic programming on doubled
+    ranks), so it is valid for the few pairs a benchmark has. No difference left gives 1.
+
+    >>> round(wilcoxon_p([1.0, 2.0, 3.0, 4.0, 5.0]), 4)
+    0.0625
+    >>> wilcoxon_p([0.0, 0.0])
+    1.0
+    """
+    nonzero = [d for d in diffs if d != 0]
+    n = len(nonzero)
+    if n == 0:
+        return 1.0
+    order = sorted(range(n), key=lambda i: abs(nonzero[i]))
+    doubled = [0] * n  # 2 x the average rank: integers even with ties
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(nonzero[order[j + 1]]) == abs(nonzero[order[i]]):
+            j += 1
+        for m in range(i, j + 1):
+            doubled[order[m]] = i + j + 2  # ranks i+1 .. j+1, averaged, doubled
+        i = j + 1
+    total = sum(doubled)
+    counts = [0] * (total + 1)  # counts[w]: sign assignments whose positive doubled-rank sum is w
+    counts[0] = 1
+    for r in doubled:
+        for w in range(total, r - 1, -1):
+            counts[w] += counts[w - r]
+    observed = sum(r for r, d in zip(doubled, nonzero, strict=True) if d > 0)
+    all_ = 2**n
+    below = sum(counts[: observed + 1]) / all_
+    above = sum(counts[observed:]) / all_
+    return min(1.0, 2 * min(below, above))
+
+
+def paired_statistics(
+    ours: list[float], theirs: list[float], *, scale: float = 100.0, level: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
+    """:func:`paired_difference` with how sure it is: a ``level`` bootstrap interval of the mean difference
+    (``ci_low``, ``ci_high``) and the Wilcoxon signed-rank p-value (``p``)."""
+    summary = paired_difference(ours, theirs, scale=scale)
+    diffs = [scale * (a - b) for a, b in zip(ours, theirs, strict=True)]
+    low, high = bootstrap_interval(diffs, level=level, seed=seed)
+    return {**summary, "ci_low": low, "ci_high": high, "level": level, "p": wilcoxon_p(diffs)}
+
+
 def machine() -> dict[str, Any]:
     """Where a result was measured: platform, CPU model and count, GPU (when there is one), Python, torch and pituning
     versions."""
@@ -153,7 +225,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> dict
     return {
         "mean": {m: statistics.fmean(r[m] for r in rows) if rows else None for m in methods},
         "paired": {
-            m: paired_difference([r["pi"] for r in rows], [r[m] for r in rows]) for m in methods if m != "pi" and rows
+            m: paired_statistics([r["pi"] for r in rows], [r[m] for r in rows]) for m in methods if m != "pi" and rows
         },
     }
 
@@ -169,7 +241,7 @@ def suite_markdown(
         "",
         *quality_table(quality),
         "",
-        "| target | seed | " + " | ".join(METHOD_TITLES[m] for m in methods) + " | sources (mean weight) |",
+        "| target | seed | " + " | ".join(METHOD_TITLES.get(m, m) for m in methods) + " | sources (mean weight) |",
         "| --- | --- |" + " --- |" * (len(methods) + 1),
     ]
     for r in rows:
@@ -182,7 +254,9 @@ def suite_markdown(
         lines += ["", "π-Tuning minus each method, paired over the same target, seed, shots and epochs (points):", ""]
         for m, d in summary["paired"].items():
             lines.append(
-                f"- {METHOD_TITLES[m]}: {d['mean']:+.2f} ± {d['std']:.2f} (π ahead in {d['wins']} of {d['n']})"
+                f"- {METHOD_TITLES.get(m, m)}: {d['mean']:+.2f} ± {d['std']:.2f}, 95% interval "
+                f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], Wilcoxon p {d['p']:.3f} (π ahead in {d['wins']} of "
+                f"{d['n']})"
             )
     return lines
 

@@ -1,5 +1,5 @@
 """A whole π-Tuning suite from one config: source experts, embeddings, task graph, then per target and seed the
-target expert alone, the baselines and π-Tuning, evaluated on a fixed test set.
+target expert alone, π-Tuning and the suite's other methods, evaluated on a fixed test set.
 
 Used by ``pituning run --config suite.yaml``; every stage writes its artifact (bank entries, embeddings, graph,
 results), so a suite can be inspected and resumed. :func:`run_suite` composes the stage functions of
@@ -18,6 +18,7 @@ from typing import Any
 
 from pituning.config import SuiteConfig, TaskSpec
 from pituning.errors import ConfigError, ExpertError
+from pituning.methods import check_methods
 from pituning.pipeline import (
     ResumeCache,
     data_class,
@@ -63,13 +64,30 @@ def _usable(cfg: SuiteConfig, quality: dict[str, dict[str, Any]], say: Any) -> l
         say(f"WARNING {message}" + ("; left out of the candidates" if cfg.collapsed_sources == "exclude" else ""))
         if rank_zero():
             log.warning(message)
-    usable = [n for n in quality if not (cfg.collapsed_sources == "exclude" and quality[n]["collapsed"])]
-    if cfg.k > len(usable):
-        raise ConfigError(
-            f"k={cfg.k} but only {len(usable)} source(s) are usable after excluding collapsed ones; lower k or "
-            "train the sources longer."
-        )
-    return usable
+    return [n for n in quality if not (cfg.collapsed_sources == "exclude" and quality[n]["collapsed"])]
+
+
+def _library(cfg: SuiteConfig, bank: Any, say: Any) -> list[str]:
+    """The library's experts, copied into the suite's bank (rank zero; an entry already there is kept): the candidate
+    sources that come without their data."""
+    if cfg.library is None:
+        return []
+    from pituning.bank import ExpertBank
+    from pituning.pipeline import rank_zero_first
+
+    library = ExpertBank(cfg.library, create=False)
+    names = [e.name for e in library.list()]
+    if not names:
+        raise ConfigError(f"The library {cfg.library} holds no expert; import PEFT adapters into it first.")
+
+    def copy() -> None:
+        for name in names:
+            if name not in bank:
+                bank.add(library.get(name))
+
+    rank_zero_first(copy)
+    say(f"library: {len(names)} expert(s) from {cfg.library}")
+    return names
 
 
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
@@ -79,6 +97,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     from pituning.graph import TaskGraph
 
     data_class(cfg)
+    check_methods(cfg)
     root, start = Path(cfg.output), time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     bank = ExpertBank(root / "bank")
@@ -95,7 +114,12 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     sources_cache, runs_cache = ResumeCache(root / "sources.json"), ResumeCache(root / "runs.json")
     done = {t.name: train_source(cfg, root, t, probe, sources_cache, say) for t in cfg.sources}
     quality = {name: result["quality"] for name, result in done.items()}
-    candidates = _usable(cfg, quality, say)
+    candidates = _usable(cfg, quality, say) + _library(cfg, bank, say)
+    if cfg.k > len(candidates):
+        raise ConfigError(
+            f"k={cfg.k} but only {len(candidates)} source(s) are usable (collapsed ones excluded, library included); "
+            "lower k or train the sources longer."
+        )
     rows = [
         run_target(cfg, root, task, seed, candidates, probe, runs_cache, say, sources_cache.data)
         for task in cfg.targets
@@ -110,7 +134,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         files.update(graph.plot(root / "graph"))
     except ConfigError as err:  # matplotlib missing: the JSON/CSV are there
         say(str(err))
-    methods = ["alone", *[b for b in cfg.baselines if rows and b in rows[0]], "pi"]
+    methods = ["alone", *[m for m in cfg.methods if rows and m in rows[0]], "pi"]
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),

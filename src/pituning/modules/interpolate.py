@@ -77,52 +77,30 @@ def rank_by_few_shot_loss(
     batches: list[dict[str, Tensor]],
     task_type: str,
     candidates: dict[str, Tensor] | None = None,
+    *,
+    num_classes: int | None = None,
 ) -> list[tuple[str, float]]:
-    """Rank source experts by their loss on the target's labelled shots, each with its own head (lowest first).
+    """Rank source experts by their loss on the target's labelled shots, best first (docs/concepts.md, "A direct
+    predictor"; docs/recycling.md, "Ranking sources without their data").
 
-    A direct transfer predictor for the few-shot case (docs/concepts.md, "A direct predictor"): the score returned is
-    the negative mean cross-entropy, so higher is better, like a similarity. Sources whose head does not fit the
-    target's classes are left out.
+    Each source is read through its own head when that head has the target's classes and scores above chance on the
+    shots; otherwise through a linear head refitted on the shots and scored on held-out folds, so sources without a
+    head (imported PEFT adapters) or with another label set are ranked too. The score is the negative mean
+    cross-entropy (higher is better, like a similarity). Sources that cannot be scored are logged and left out.
     """
-    from torch.nn import functional as F
+    from pituning.recycling.source_free import rank_sources
 
-    from pituning.heads import TaskModel
-
-    scores = []
-    was = experts.active
-    for name in names:
-        stored = bank.load_into(experts, name, as_name="ranked_source")
-        try:
-            if stored.head is None:
-                continue
-            if task_type == "matching" and candidates is not None:
-                num_classes = int(candidates["input_ids"].shape[0])  # one class per candidate text, any source head
-            else:
-                # a linear head's weight, or a dual encoder's pair head's classifier
-                weight = stored.head.get("weight", stored.head.get("classifier.weight"))
-                num_classes = int(weight.shape[0]) if weight is not None else 2
-            model = TaskModel(experts, task_type, num_classes, candidates=candidates)
-            try:
-                model.head.load_state_dict(stored.head)
-            except RuntimeError:
-                continue
-            model.eval()
-            total, count = 0.0, 0
-            with torch.no_grad():
-                for batch in batches:
-                    labels = batch["labels"]
-                    if int(labels.max()) >= num_classes:
-                        break
-                    logits = model(**{k: v for k, v in batch.items() if k != "labels"})
-                    total += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-                    count += int(labels.shape[0])
-                else:
-                    if count:
-                        scores.append((name, -total / count))
-        finally:
-            experts.remove_expert("ranked_source")
-    experts.set_active(was)
-    return sorted(scores, key=lambda item: -item[1])
+    return rank_sources(
+        experts,
+        bank,
+        names,
+        batches,
+        predictor="few_shot_loss",
+        task_type=task_type,
+        on_unscored="warn",
+        num_classes=num_classes,
+        match_candidates=candidates,
+    )
 
 
 class InterpolationModule(ExpertTrainingModule):
@@ -221,7 +199,9 @@ class InterpolationModule(ExpertTrainingModule):
             batches = list(datamodule.embedding_dataloader())
             candidates = datamodule.candidates() if self.hp.task_type == "matching" else None
             names = [c for c in (hp["candidates"] or hp["sources"] or []) if c != self.target]
-            ranked = rank_by_few_shot_loss(bank, experts, names, batches, self.hp.task_type, candidates)
+            ranked = rank_by_few_shot_loss(
+                bank, experts, names, batches, self.hp.task_type, candidates, num_classes=datamodule.num_classes
+            )
             if len(ranked) < hp["k"]:
                 raise BankError(f"k={hp['k']} sources were asked for but only {len(ranked)} could be scored.")
             self.selected = ranked[: hp["k"]]

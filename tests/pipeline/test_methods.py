@@ -1,0 +1,84 @@
+"""Every registered reuse method runs in a suite, side by side with π-Tuning, and records what it used; the registry
+and the suite's method options are checked before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pituning.config import SuiteConfig
+from pituning.errors import ConfigError
+from pituning.methods import METHODS, MethodResult, check_methods, register_method
+from pituning.suite import run_suite
+from tiny import tiny_suite
+
+pytest.importorskip("nevergrad")
+
+
+@pytest.fixture(scope="module")
+def results(tiny_backbone: str, tasks: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    output = tmp_path_factory.mktemp("methods") / "run"
+    suite = tiny_suite(
+        tiny_backbone,
+        tasks,
+        output,
+        methods=list(METHODS),
+        method_options={"lorahub": {"budget": 4}, "ties": {"density": 0.3}, "dare_ties": {"finetune": False}},
+    )
+    return run_suite(SuiteConfig(**suite))
+
+
+def test_every_method_reports_its_accuracy_and_provenance(results: dict[str, object]) -> None:
+    (row,) = results["rows"]  # type: ignore[misc]
+    for method in METHODS:
+        assert 0.0 <= row[method] <= 1.0, method
+        assert row["methods"][method]["sources"], method  # every method says which sources it used
+    assert {row["methods"][m]["head"] for m in ("best_source_init", "ties", "lorahub", "arrow")} <= {
+        "source",
+        "refit",
+        "fresh",
+    }
+    assert row["methods"]["ties"]["density"] == 0.3
+    assert row["methods"]["dare_ties"]["finetune"] is False and row["methods"]["dare_ties"]["head"] == "refit"
+    assert len(row["methods"]["lorahub"]["weights"]) == 2
+    assert row["methods"]["random_parameters"]["matched_to"] == row["sources"]
+    assert set(row["methods"]["pi_without_target"]["mean_weights"]) == set(row["sources"])
+    assert "guard" in row["methods"]["pi_guard"]
+    paired = results["paired"]  # π-Tuning against every method, paired
+    assert set(paired) == {"alone", *METHODS}  # type: ignore[arg-type]
+
+
+def test_a_rerun_measures_only_a_new_method(
+    results: dict[str, object], tiny_backbone: str, tasks: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = Path(results["config"]["output"])  # type: ignore[index]
+    runs = json.loads((output / "runs.json").read_text())
+    assert "target_s1:ties" in runs and "target_s1" in runs  # each method cached under its own recipe
+    suite = tiny_suite(tiny_backbone, tasks, output, methods=["ties"], method_options={"ties": {"density": 0.3}})
+    capsys.readouterr()
+    again = run_suite(SuiteConfig(**suite))
+    printed = capsys.readouterr().out
+    assert "measured already" in printed and "target target_s1: ties" not in printed
+    assert again["rows"][0]["ties"] == results["rows"][0]["ties"]  # type: ignore[index]
+
+
+def test_methods_are_checked_before_anything_runs(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+    cfg = SuiteConfig(**tiny_suite(tiny_backbone, tasks, tmp_path / "run", methods=["tie"]))
+    with pytest.raises(ConfigError, match=r"'tie' \(did you mean 'ties'\?\)"):
+        run_suite(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg = SuiteConfig(**tiny_suite(tiny_backbone, tasks, tmp_path / "run", method_options={"ties": {"dens": 1}}))
+    with pytest.raises(ConfigError, match=r"method_options.ties option\(s\) 'dens' \(did you mean 'density'\?\)"):
+        check_methods(cfg)
+    with pytest.raises(ConfigError, match="always run"):
+        SuiteConfig(**tiny_suite(tiny_backbone, tasks, tmp_path / "run", methods=["pi"]))
+    with pytest.raises(ConfigError, match="registered already"):
+        register_method("ties", lambda run: MethodResult(0.0), description="again")
+
+
+def test_baselines_is_the_old_spelling_of_methods(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+    with pytest.warns(DeprecationWarning, match="rename it methods"):
+        cfg = SuiteConfig(**tiny_suite(tiny_backbone, tasks, tmp_path, baselines=["best_source_init"]))
+    assert cfg.methods == ["best_source_init"] and cfg.baselines is None
