@@ -33,6 +33,7 @@ PLAIN = {
     "bank-verify": ["bank", "verify"],
     "bank-recover": ["bank", "recover"],
     "bank-import-peft": ["bank", "import-peft"],
+    "bank-merge": ["bank", "merge"],
     "bank-export-peft": ["bank", "export-peft"],
 }
 STAGES = ("train-expert", "embed", "interpolate", "evaluate")

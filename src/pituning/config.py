@@ -189,6 +189,8 @@ class TaskSpec:
     """Dataset file, directory or name (the DataModule's ``dataset``)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra DataModule options for this task only (``classes``, ``text_column`` ...)."""
+    exclude: list[str] = field(default_factory=list)
+    """Sources this target never draws from (for example the source trained on the target's own domain)."""
 
     def __post_init__(self) -> None:
         from pituning.experts.base import validate_name
@@ -393,6 +395,14 @@ class SuiteConfig:
             raise ConfigError(f"Task names must be unique across sources and targets; {twice} appear twice.")
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k must be an integer >= 1 (the sources interpolated per target), got {self.k!r}.")
+        known = {t.name for t in self.sources}
+        for target in self.targets:
+            unknown = sorted(set(target.exclude) - known)
+            if unknown and self.library is None:
+                raise ConfigError(
+                    f"Target {target.name!r} excludes {unknown}, which are no sources of this suite; sources: "
+                    f"{sorted(known)}."
+                )
         if self.library is None and self.k > len(self.sources):
             raise ConfigError(f"k={self.k} but the suite has only {len(self.sources)} source task(s); lower k.")
         if self.library is not None and self.interpolation.predictor != "few_shot_loss":

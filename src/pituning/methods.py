@@ -116,6 +116,8 @@ class Method:
     """One line for reports and ``--help``."""
     options: tuple[str, ...] = ()
     """The ``method_options`` it reads (checked before anything runs)."""
+    task_types: tuple[str, ...] = ("classification", "matching", "text_to_text")
+    """The task types it supports (checked before anything runs)."""
 
 
 METHODS: dict[str, Method] = {}
@@ -123,12 +125,17 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(
-    name: str, run: Callable[[MethodRun], MethodResult], *, description: str, options: Sequence[str] = ()
+    name: str,
+    run: Callable[[MethodRun], MethodResult],
+    *,
+    description: str,
+    options: Sequence[str] = (),
+    task_types: Sequence[str] = ("classification", "matching", "text_to_text"),
 ) -> Method:
     """Register a method under ``name`` (a :class:`ConfigError` if the name is taken or reserved)."""
     if name in METHODS or name in ("alone", "pi"):
         raise ConfigError(f"A method named {name!r} is registered already; choose another name.")
-    method = Method(name, run, description, tuple(options))
+    method = Method(name, run, description, tuple(options), tuple(task_types))
     METHODS[name] = method
     return method
 
@@ -140,6 +147,12 @@ def check_methods(cfg: SuiteConfig) -> None:
         raise ConfigError(
             f"Unknown method(s) {did_you_mean(unknown, list(METHODS))}; registered: {list(METHODS)} (the target "
             "expert alone and π-Tuning always run)."
+        )
+    unsupported = [m for m in cfg.methods if cfg.task_type not in METHODS[m].task_types]
+    if unsupported:
+        raise ConfigError(
+            f"Method(s) {unsupported} do not support task_type {cfg.task_type!r} (they refit a linear head on the "
+            "shots); leave them out of methods:."
         )
     for method, options in cfg.method_options.items():
         if method not in METHODS:
@@ -232,7 +245,7 @@ def _refit_and_test(run: MethodRun, model: Any, label: str, provenance: dict[str
 
 
 def _gradient_free_only(run: MethodRun, method: str) -> None:
-    if run.cfg.task_type not in ("classification", "pair_classification"):
+    if run.cfg.task_type != "classification":
         raise ConfigError(
             f"{method} refits a linear head on the shots, so it needs task_type classification; this suite is "
             f"{run.cfg.task_type}. Leave {method} out of methods:."
@@ -414,12 +427,14 @@ register_method(
     _lorahub,
     description="LoraHub: mixture weights searched without gradients on the shots, then merged",
     options=("budget", "lower", "upper", "l1", "optimizer", "init"),
+    task_types=("classification",),
 )
 register_method(
     "arrow",
     _arrow,
     description="Arrow: per-token routing to the top-k experts by their top singular vectors",
     options=("top_k", "temperature", "pool"),
+    task_types=("classification",),
 )
 for _name, _variant, _what in (
     ("pi_linear", {"mixing": "linear"}, "π-Tuning with learned coefficients that start at the target expert"),

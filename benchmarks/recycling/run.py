@@ -1,0 +1,266 @@
+"""Which way of reusing experts wins: every registered method on a benchmark suite, 16-shot, with paired confidence.
+
+Each suite is the quality benchmark's (same backbone, sources, data and budgets), run through ``pituning run``'s
+pipeline with every method of :data:`pituning.methods.METHODS` beside the target expert alone and π-Tuning. A target
+never draws from the source of its own domain. Seeds run one at a time over every target (seed-major), so an
+interrupted campaign has covered every target before it adds seeds; every part is cached, so the same command resumes
+where it stopped::
+
+    python benchmarks/recycling/run.py --suite text                   # 4 targets x 5 seeds, every method
+    python benchmarks/recycling/run.py --suite text --report-only     # tables from what is measured so far
+    python benchmarks/recycling/run.py --suite text --smoke           # a few steps of everything (CI)
+
+Results: ``benchmarks/results/recycling_<suite>.{json,md}`` (+ ``.png``): accuracy per method (mean ± std over
+targets and seeds), paired differences against π-Tuning and against the best other method with 95% bootstrap
+intervals and Wilcoxon p-values, wins, the command, date, machine and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks" / "quality"))
+
+import run as quality  # noqa: E402  (the quality benchmark's suites)
+
+from pituning.config import SuiteConfig, TaskSpec  # noqa: E402
+from pituning.methods import METHODS  # noqa: E402
+from pituning.pipeline import quiet  # noqa: E402
+from pituning.report import machine, paired_statistics  # noqa: E402
+
+SUITES = {"text": quality.text_suite, "vision": quality.vision_suite, "vision_language": quality.vision_language_suite}
+TARGETS = {"text": ["jetblue", "southwestair", "apple", "united"]}
+"""Targets per suite (default: the quality suite's)."""
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def build(suite_name: str, work: Path, smoke: bool, seeds: list[int], methods: list[str]) -> SuiteConfig:
+    """The suite's :class:`SuiteConfig` with its targets (named ``t_<domain>``, excluding their own domain's source),
+    every method, and the quality benchmark's target budget."""
+    suite = SUITES[suite_name](work / "data", smoke)
+    cfg = suite.config
+    wanted = TARGETS.get(suite_name) if not smoke else None
+    known = {t.name: t for t in [*suite.targets, *cfg.sources]}
+    chosen = [known[n] for n in wanted] if wanted else suite.targets
+    sources = {s.name for s in cfg.sources}
+    targets = [
+        TaskSpec(
+            f"t_{t.name}",
+            t.dataset,
+            {k: v for k, v in {**t.options, "batch_size": suite.target_batch}.items() if k != "max_train_examples"},
+            exclude=[t.name] if t.name in sources else [],
+        )
+        for t in chosen
+    ]
+    options = {"lorahub": {"budget": 4 if smoke else 40}}
+    return replace(
+        cfg,
+        targets=targets,
+        seeds=seeds,
+        methods=methods,
+        method_options=options,
+        target_epochs=suite.target_epochs["few"],
+        embed_examples=32 if smoke else 128,
+        output=str(work / suite_name),
+        interpolation=replace(cfg.interpolation, **suite.pi),
+    )
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def report(cfg: SuiteConfig, suite_name: str, out: Path, command: str, seconds: float, note: str) -> dict[str, Any]:
+    """Tables from every measured target and seed (the resume caches), written to ``out`` (.json, .md, .png)."""
+    runs = json.loads((Path(cfg.output) / "runs.json").read_text()) if (Path(cfg.output) / "runs.json").exists() else {}
+    rows: list[dict[str, Any]] = []
+    for target in cfg.targets:
+        for seed in cfg.seeds:
+            name = f"{target.name}_s{seed}"
+            base = runs.get(name, {}).get("result")
+            if base is None:
+                continue
+            row = {"target": target.name, "seed": seed, "alone": base["alone"], "pi": base["pi"]}
+            for method in cfg.methods:
+                measured = runs.get(f"{name}:{method}", {}).get("result")
+                if measured is not None:
+                    row[method] = measured["acc"]
+            rows.append(row)
+    methods = ["alone", "pi", *cfg.methods]
+    complete = [r for r in rows if all(m in r for m in methods)]
+    mean = {
+        m: (statistics.fmean(r[m] for r in complete), statistics.pstdev(r[m] for r in complete)) if complete else None
+        for m in methods
+    }
+    others = [m for m in methods if m != "pi" and mean[m] is not None]
+    best = max(others, key=lambda m: mean[m][0]) if others and complete else None  # type: ignore[index]
+    vs_pi = {m: paired_statistics([r["pi"] for r in complete], [r[m] for r in complete]) for m in others if complete}
+    vs_best = (
+        {m: paired_statistics([r[m] for r in complete], [r[best] for r in complete]) for m in methods if m != best}
+        if best
+        else {}
+    )
+    results = {
+        "suite": suite_name,
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average": load_average(),
+        "seconds": seconds,
+        "targets": [t.name for t in cfg.targets],
+        "seeds": cfg.seeds,
+        "methods": methods,
+        "pairs": len(complete),
+        "planned_pairs": len(cfg.targets) * len(cfg.seeds),
+        "rows": rows,
+        "mean": mean,
+        "best_other": best,
+        "pi_minus": vs_pi,
+        "minus_best_other": vs_best,
+        "note": note,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(_markdown(results, cfg))
+    _plot(results, out.with_suffix(".png"))
+    return results
+
+
+def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
+    lines = [
+        f"# Reusing experts: {res['suite']} suite, 16-shot",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Date: {res['date']}  ",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cpus']} cores, torch {res['machine']['torch']}  ",
+        f"Load average at the end (1, 5, 15 min): {res['load_average']}  ",
+        f"Targets: {', '.join(res['targets'])}; seeds {res['seeds']}; k={cfg.k}; {cfg.shots} shots per class; "
+        f"{cfg.target_epochs} target epochs for every method that trains.  ",
+        f"Complete (target, seed) pairs: **{res['pairs']} of {res['planned_pairs']} planned**.",
+        "",
+    ]
+    if res["note"]:
+        lines += [res["note"], ""]
+    if not res["pairs"]:
+        return "\n".join([*lines, "Nothing measured yet.", ""])
+    lines += ["| method | accuracy (mean ± std) | π-Tuning minus it (points) | 95% interval | Wilcoxon p | π wins |"]
+    lines += ["| --- | --- | --- | --- | --- | --- |"]
+    order = sorted(res["methods"], key=lambda m: -res["mean"][m][0])
+    for m in order:
+        mu, sd = res["mean"][m]
+        d = res["pi_minus"].get(m)
+        cells = (
+            [
+                f"{d['mean']:+.2f}",
+                f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]",
+                f"{d['p']:.3f}",
+                f"{d['wins']}/{d['n']}",
+            ]
+            if d
+            else ["", "", "", ""]
+        )
+        lines.append(f"| {m} | {mu:.4f} ± {sd:.4f} | " + " | ".join(cells) + " |")
+    best = res["best_other"]
+    lines += ["", f"Best method other than π-Tuning: **{best}**. Each method minus it (points):", ""]
+    lines += ["| method | mean | 95% interval | Wilcoxon p | wins |", "| --- | --- | --- | --- | --- |"]
+    for m in order:
+        d = res["minus_best_other"].get(m)
+        if d:
+            lines.append(
+                f"| {m} | {d['mean']:+.2f} | [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] | {d['p']:.3f} | "
+                f"{d['wins']}/{d['n']} |"
+            )
+    lines += ["", "Per target and seed:", "", "| target | seed | " + " | ".join(res["methods"]) + " |"]
+    lines.append("| --- | --- |" + " --- |" * len(res["methods"]))
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['target']} | {r['seed']} | "
+            + " | ".join(f"{r[m]:.4f}" if m in r else "" for m in res["methods"])
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(res: dict[str, Any], path: Path) -> None:
+    """Methods x accuracy, with the 95% interval of each method's mean (bootstrap over pairs)."""
+    if not res["pairs"]:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from pituning.report import bootstrap_interval
+
+    complete = [r for r in res["rows"] if all(m in r for m in res["methods"])]
+    order = sorted(res["methods"], key=lambda m: res["mean"][m][0])
+    means = [res["mean"][m][0] for m in order]
+    lows, highs = zip(*(bootstrap_interval([r[m] for r in complete]) for m in order), strict=True)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(order) + 1.2), constrained_layout=True)
+    ax.errorbar(
+        means,
+        range(len(order)),
+        xerr=[
+            [m - lo for m, lo in zip(means, lows, strict=True)],
+            [hi - m for m, hi in zip(means, highs, strict=True)],
+        ],
+        fmt="o",
+        color="black",
+        ecolor="gray",
+        capsize=3,
+    )
+    ax.set_yticks(range(len(order)), order)
+    ax.set_xlabel(f"test accuracy (mean over {res['pairs']} target-seed pairs, 95% bootstrap interval)")
+    ax.set_title(f"{res['suite']} suite, 16-shot")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=list(SUITES), default="text")
+    parser.add_argument("--smoke", action="store_true", help="Tiny versions of everything (CI).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help=f"Default {SEEDS} (smoke: [0]).")
+    parser.add_argument("--methods", nargs="+", default=None, help="Default: every registered method.")
+    parser.add_argument("--work", default=str(REPO / "outputs" / "recycling"), help="Data, banks and caches.")
+    parser.add_argument("--out", default=None, help="Results file stem (default benchmarks/results/recycling_<suite>).")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Write the tables from what is cached; train nothing."
+    )
+    parser.add_argument("--note", default="", help="A line for the results (how the CPU budget was spent).")
+    args = parser.parse_args(argv)
+    quiet()
+    from pituning.suite import run_suite
+
+    seeds = args.seeds or ([0] if args.smoke else SEEDS)
+    work = Path(args.work) / ("smoke" if args.smoke else "full")
+    cfg = build(args.suite, work, args.smoke, seeds, [])
+    supported = [m for m in METHODS if cfg.task_type in METHODS[m].task_types]  # matching: no lorahub, arrow
+    cfg = replace(cfg, methods=args.methods or supported)
+    stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"recycling_{args.suite}"
+    command = "python benchmarks/recycling/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    start = time.perf_counter()
+    if not args.report_only:
+        for seed in seeds:  # seed-major: every target at this seed before the next seed
+            run_suite(replace(cfg, seeds=[seed]))
+            report(cfg, args.suite, stem, command, time.perf_counter() - start, args.note)
+    results = report(cfg, args.suite, stem, command, time.perf_counter() - start, args.note)
+    print(stem.with_suffix(".md").read_text())
+    return 0 if results["pairs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
