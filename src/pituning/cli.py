@@ -318,6 +318,66 @@ def _run_bank(cfg: Namespace) -> int:
     raise AssertionError(action)  # pragma: no cover - the parser only allows the actions above
 
 
+def _fold_flat_stage_options(stage: str, args: list[str]) -> list[str]:
+    """``args`` with the model options spelled flat (``model: {lr: ...}``, ``--model.lr``: the spelling before the
+    typed configs) moved under ``model.optim`` / ``model.interpolation``, each move announced on stderr."""
+    import dataclasses
+
+    import yaml
+
+    from pituning.config import InterpolationConfig, OptimConfig
+
+    groups = {f.name: "optim" for f in dataclasses.fields(OptimConfig)}
+    if stage == "interpolate":
+        groups.update({f.name: "interpolation" for f in dataclasses.fields(InterpolationConfig)})
+    moved: list[str] = []
+
+    def fold(config: Any) -> Any:
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model, dict) or not set(model) & set(groups):
+            return config
+        model = dict(model)
+        for key in [key for key in model if key in groups]:
+            group = model.get(groups[key]) or {}
+            if not isinstance(group, dict) or key in group:
+                raise ConfigError(f"model.{key} is given twice: beside model.{groups[key]} and inside it; keep one.")
+            model[groups[key]] = {**group, key: model.pop(key)}
+            moved.append(f"model.{key} -> model.{groups[key]}.{key}")
+        return {**config, "model": model}
+
+    out: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        position += 1
+        key, equals, value = arg.partition("=")
+        is_config = key in ("--config", "-c")
+        name = key.removeprefix("--model.") if key.startswith("--model.") else ""
+        if not (is_config or name in groups):
+            out.append(arg)
+            continue
+        if not equals:
+            if position == len(args):
+                out.append(arg)  # LightningCLI says the value is missing
+                continue
+            value = args[position]
+            position += 1
+        if name:
+            moved.append(f"--model.{name} -> --model.{groups[name]}.{name}")
+            out.append(f"--model.{groups[name]}.{name}={value}")
+            continue
+        try:
+            with open(value, encoding="utf-8") as handle:
+                config = yaml.safe_load(handle)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            config = None  # not a readable YAML file (or a YAML string): LightningCLI reads it or names the problem
+        folded = fold(config)
+        out += [key, value if folded is config else yaml.safe_dump(folded, sort_keys=False)]
+    for move in moved:
+        print(f"pituning {stage}: {move} (the flat spelling is deprecated and will be removed)", file=sys.stderr)
+    return out
+
+
 def _run_stage(stage: str, args: list[str]) -> int:
     """A Trainer stage through LightningCLI."""
     import warnings
@@ -345,7 +405,7 @@ def _run_stage(stage: str, args: list[str]) -> int:
         TaskDataModule,
         subclass_mode_data=True,
         run=False,
-        args=args,
+        args=_fold_flat_stage_options(stage, args),
         trainer_defaults=defaults,
         save_config_callback=None,
         seed_everything_default=0,

@@ -19,6 +19,7 @@ from pituning.errors import ConfigError
 __all__ = [
     "BACKBONE_DTYPES",
     "BASELINES",
+    "METHOD_NAMES",
     "SUITE_SET_DATA_OPTIONS",
     "EmbeddingConfig",
     "InterpolationConfig",
@@ -207,6 +208,15 @@ class TaskSpec:
 BASELINES = ("best_source_init", "uniform_average")
 """The methods a suite runs beside π-Tuning by default."""
 
+METHOD_NAMES: list[str] = [
+    *BASELINES,
+    *("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "concat", "svd", "lorahub", "arrow"),
+    *("pi_linear", "pi_layer_weights", "pi_task_weights", "pi_guard", "pi_without_target"),
+    *("random_pool", "random_parameters"),
+]
+"""The names a suite's ``methods`` may use, checked when the config is built: the built-in reuse methods of
+:mod:`pituning.methods`, and every name its ``register_method`` adds."""
+
 
 def typed_config(value: Any, cls: type[_C], option: str) -> _C:
     """``value`` (``None``, a mapping of ``cls``'s fields, or a ``cls``) as a ``cls``; a misspelt key is a
@@ -368,7 +378,9 @@ class SuiteConfig:
         self.embedding  # noqa: B018 - checks estimator and embed_examples
         check_choice(self.collapsed_sources, "collapsed_sources", ("warn", "exclude", "error"))
         check_choice(self.task_type, "task_type", ("classification", "matching", "text_to_text"))
+        option = "methods"
         if self.baselines is not None:
+            option = "baselines (the old spelling of methods)"
             warnings.warn(
                 "The suite option baselines: is deprecated and will be removed in the next release; rename it "
                 "methods:.",
@@ -378,7 +390,13 @@ class SuiteConfig:
             set_(self, "methods", list(self.baselines))
             set_(self, "baselines", None)
         if not isinstance(self.methods, list) or not all(isinstance(m, str) for m in self.methods):
-            raise ConfigError(f"methods must be a list of method names, got {self.methods!r}.")
+            raise ConfigError(f"{option} must be a list of method names, got {self.methods!r}.")
+        unknown = [m for m in self.methods if m not in METHOD_NAMES and m not in ("alone", "pi")]
+        if unknown:
+            raise ConfigError(
+                f"Unknown {option} {did_you_mean(unknown, METHOD_NAMES)}; known: {METHOD_NAMES} (the target expert "
+                "alone and π-Tuning always run)."
+            )
         twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if twice or {"alone", "pi"} & set(self.methods):
             raise ConfigError(

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from pituning.bank import ExpertBank
-from pituning.config import InterpolationConfig, SuiteConfig, TaskSpec, did_you_mean
+from pituning.config import METHOD_NAMES, InterpolationConfig, SuiteConfig, TaskSpec, did_you_mean
 from pituning.errors import ConfigError
-from pituning.pipeline import TrainerFactory, make_trainer, rank_zero_first, train_expert
+from pituning.pipeline import TrainerFactory, interpolate, rank_zero_first, train_expert
 
 __all__ = [
     "MERGES",
@@ -137,6 +137,8 @@ def register_method(
         raise ConfigError(f"A method named {name!r} is registered already; choose another name.")
     method = Method(name, run, description, tuple(options), tuple(task_types))
     METHODS[name] = method
+    if name not in METHOD_NAMES:  # a suite naming it is then accepted when its config is built
+        METHOD_NAMES.append(name)
     return method
 
 
@@ -342,31 +344,23 @@ def _pi_variant(
     """π-Tuning with the suite's interpolation options changed by ``variant`` (and, for controls, other sources)."""
     import lightning.pytorch as pl
 
-    from pituning.modules import InterpolationModule
-    from pituning.pipeline import stage_kwargs
-
     cfg = run.cfg
     interpolation = dataclasses.replace(cfg.interpolation, **{**variant, **run.options(label)})
     pool = sources if sources is not None else run.ranked
     pl.seed_everything(run.seed, verbose=False)
-    module = InterpolationModule(
-        cfg.backbone,
-        str(run.root / "bank"),
-        run.name,
-        sources=pool,
-        k=len(pool),
-        interpolation=interpolation,
-        optim=cfg.optim,
-        output_name=f"{run.name}_{label}",
-        overwrite=True,
-        **stage_kwargs(cfg),
-    )
     run.say(f"target {run.name}: {label} over {pool}")
-    trainer = (run.trainer or functools.partial(make_trainer, cfg, run.root, f"{label}-{run.name}"))(
-        max_epochs=cfg.target_epochs
+    module, acc = interpolate(
+        cfg,
+        run.root,
+        run.name,
+        run.datamodule,
+        run.candidates,
+        sources=pool,
+        interpolation=interpolation,
+        output_name=f"{run.name}_{label}",
+        log_name=f"{label}-{run.name}",
+        trainer=run.trainer,
     )
-    trainer.fit(module, run.datamodule)
-    acc = float(trainer.test(module, run.datamodule, verbose=False)[0]["test_acc"])
     stored = module.stored
     provenance: dict[str, Any] = {"sources": pool, "interpolation": dataclasses.asdict(interpolation)}
     if stored is not None:

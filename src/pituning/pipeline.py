@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pituning.bank import Expert, ExpertBank, TaskInfo
-from pituning.config import SuiteConfig, TaskSpec
+from pituning.config import InterpolationConfig, SuiteConfig, TaskSpec
 from pituning.errors import ConfigError
 from pituning.report import ExpertQuality, expert_quality
 
@@ -234,26 +234,43 @@ def embed_task(
 
 
 def interpolate(
-    cfg: SuiteConfig, root: str | Path, name: str, datamodule: Any, candidates: list[str]
+    cfg: SuiteConfig,
+    root: str | Path,
+    name: str,
+    datamodule: Any,
+    candidates: list[str],
+    *,
+    sources: list[str] | None = None,
+    interpolation: InterpolationConfig | None = None,
+    output_name: str | None = None,
+    log_name: str | None = None,
+    trainer: TrainerFactory | None = None,
 ) -> tuple[Any, float]:
     """π-Tuning on target ``name``: the suite's ``k`` best sources among ``candidates`` and a target expert,
-    interpolated, collapsed and stored as ``<name>_pi``; returns the module and its test accuracy."""
+    interpolated, collapsed and stored as ``<name>_pi``; returns the module and its test accuracy.
+
+    A variant or a control gives ``sources`` (the pool, instead of ranking ``candidates``), ``interpolation`` (instead
+    of the suite's), ``output_name``, ``log_name`` (default ``pi-<name>``) and ``trainer`` (as in
+    :func:`train_expert`)."""
     from pituning.modules import InterpolationModule
 
+    pool: dict[str, Any] = (
+        {"k": cfg.k, "candidates": candidates} if sources is None else {"k": len(sources), "sources": sources}
+    )
     pi = InterpolationModule(
         cfg.backbone,
         str(Path(root) / "bank"),
         name,
-        k=cfg.k,
-        candidates=candidates,
-        interpolation=cfg.interpolation,
+        **pool,
+        interpolation=interpolation or cfg.interpolation,
         optim=cfg.optim,
+        output_name=output_name,
         overwrite=True,
         **stage_kwargs(cfg),
     )
-    trainer = make_trainer(cfg, root, f"pi-{name}", max_epochs=cfg.target_epochs)
-    trainer.fit(pi, datamodule)
-    return pi, float(trainer.test(pi, datamodule, verbose=False)[0]["test_acc"])
+    fitted = _factory(cfg, root, log_name or f"pi-{name}", trainer)(max_epochs=cfg.target_epochs)
+    fitted.fit(pi, datamodule)
+    return pi, float(fitted.test(pi, datamodule, verbose=False)[0]["test_acc"])
 
 
 def run_baseline(

@@ -114,7 +114,8 @@ def test_run_suite(
     assert main(["run", "--config", str(tmp_path / "suite.yaml")]) == 0
     out = capsys.readouterr().out
     assert out.count("in the bank already, from the same recipe") == 2
-    assert "target target_s1: measured already, from the same recipe" in out and ": expert alone (" not in out
+    assert "target target_s1: expert alone and π-Tuning measured already, from the same recipe" in out
+    assert ": expert alone (" not in out
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["sources"] == results["sources"] and again["rows"] == json.loads(json.dumps(results["rows"]))
     # another target setting measures the target again (the sources stay)

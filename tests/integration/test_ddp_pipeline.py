@@ -83,8 +83,9 @@ def test_run_suite_under_ddp(tiny_backbone: str, tasks: dict[str, str], tmp_path
     done = _pituning("run", "--config", str(tmp_path / "suite.yaml"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("source close: training the expert") == 1  # rank zero speaks
-    assert done.stdout.count("baseline uniform_average") == 1
+    assert done.stdout.count("target target_s1: uniform_average\n") == 1  # announced once (then its result)
     assert done.stdout.count("source far1: embedded (Fisher over 96 examples)") == 1  # 48 per rank, summed
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["rows"]) == 1 and set(results["sources"]) == {"close", "far1"}
-    assert {"target_s1_avg", "target_s1_pi", "probe"} <= set(ExpertBank(tmp_path / "run" / "bank").names())
+    stored = set(ExpertBank(tmp_path / "run" / "bank").names())
+    assert {"target_s1_uniform_average_merged", "target_s1_pi", "probe"} <= stored

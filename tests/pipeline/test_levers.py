@@ -124,7 +124,7 @@ def test_logits_on_holdout_trains_end_to_end(tiny_backbone: str, tasks: dict[str
 
 def test_lever_options_are_checked(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
     bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
-    with pytest.raises(ConfigError, match="init_weights needs k"):
+    with pytest.raises(ConfigError, match="init_weights needs 3 weights"):
         InterpolationModule(tiny_backbone, bank, "target", k=2, init_weights=[1.0, 1.0])
     with pytest.raises(ConfigError, match="logits_data"):
         InterpolationModule(tiny_backbone, bank, "target", k=2, logits_data="test")

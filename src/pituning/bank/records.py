@@ -11,12 +11,12 @@ from typing import Any
 from torch import Tensor
 
 from pituning.backbones import Fingerprint
-from pituning.errors import ExpertError
+from pituning.errors import BackboneMismatchError, ExpertError
 from pituning.experts.base import ExpertConfig
 from pituning.model import ExpertModel
 from pituning.tasks import TaskInfo
 
-__all__ = ["BackboneIdentity", "BankEntry", "Expert", "Recovery"]
+__all__ = ["BackboneIdentity", "BankEntry", "Expert", "Recovery", "check_backbone"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +156,18 @@ class Recovery:
     """Bank-relative folder holding the manifest and journal as they were, when anything changed."""
     entries: int = 0
     """Experts in the bank afterwards."""
+
+
+def check_backbone(expert: Expert, model: ExpertModel, fix: str, *, mine: Fingerprint | None = None) -> None:
+    """Raise :class:`BackboneMismatchError` unless ``expert`` was trained on ``model``'s backbone (same structure and
+    weight fingerprints); ``fix`` is the message's last sentence. ``mine``: the model's fingerprint, when the caller
+    checks several experts against it."""
+    mine = mine if mine is not None else model.fingerprint()
+    theirs = expert.backbone.fingerprint
+    if (mine.structure, mine.weights) != (theirs.structure, theirs.weights):
+        what = "structure" if mine.structure != theirs.structure else "weights"
+        raise BackboneMismatchError(
+            f"Expert {expert.name!r} was trained on backbone {expert.backbone.source!r} ({what} fingerprint "
+            f"{getattr(theirs, what)[:12]}), but this model's backbone {model.source!r} has "
+            f"{getattr(mine, what)[:12]}. {fix}"
+        )

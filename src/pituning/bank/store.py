@@ -30,8 +30,8 @@ from pituning.bank.format import (
     encode_line,
     encode_manifest,
 )
-from pituning.bank.records import BackboneIdentity, BankEntry, Expert
-from pituning.errors import BackboneMismatchError, BankCorruptionError, BankError, ConfigError, ExpertError
+from pituning.bank.records import BackboneIdentity, BankEntry, Expert, check_backbone
+from pituning.errors import BankCorruptionError, BankError, ConfigError, ExpertError
 from pituning.experts.base import config_from_dict, validate_name
 from pituning.model import ExpertModel
 from pituning.storage import Storage, open_storage
@@ -448,15 +448,11 @@ class BankStore:
                 ``allow_backbone_mismatch`` (shapes must still fit).
         """
         expert = self.get(name)
-        mine = model.fingerprint()
-        theirs = expert.backbone.fingerprint
-        if not allow_backbone_mismatch and (mine.structure, mine.weights) != (theirs.structure, theirs.weights):
-            what = "structure" if mine.structure != theirs.structure else "weights"
-            raise BackboneMismatchError(
-                f"Expert {name!r} was trained on backbone {expert.backbone.source!r} ({what} fingerprint "
-                f"{getattr(theirs, what)[:12]}), but this model's backbone {model.source!r} has "
-                f"{getattr(mine, what)[:12]}. Load it into the backbone it was trained on, or pass "
-                "allow_backbone_mismatch=True to load it anyway."
+        if not allow_backbone_mismatch:
+            check_backbone(
+                expert,
+                model,
+                "Load it into the backbone it was trained on, or pass allow_backbone_mismatch=True to load it anyway.",
             )
         model.load_expert(as_name or name, expert.config, expert.state, activate=activate)
         return expert

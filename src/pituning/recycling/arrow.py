@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from pituning.bank import Expert
-from pituning.errors import BackboneMismatchError, ConfigError, ExpertError, UnsupportedExpertError
+from pituning.bank.records import check_backbone
+from pituning.errors import ConfigError, ExpertError, UnsupportedExpertError
 from pituning.experts.base import validate_name
 from pituning.experts.lora import LoraConfig, LoraHost
 from pituning.model import ExpertModel
@@ -499,15 +500,8 @@ def attach_arrow(
     if not allow_backbone_mismatch:
         mine = model.fingerprint()
         for expert in experts:
-            theirs = expert.backbone.fingerprint
-            if (mine.structure, mine.weights) != (theirs.structure, theirs.weights):
-                what = "structure" if mine.structure != theirs.structure else "weights"
-                raise BackboneMismatchError(
-                    f"Expert {expert.name!r} was trained on backbone {expert.backbone.source!r} ({what} fingerprint "
-                    f"{getattr(theirs, what)[:12]}), but this model's backbone {model.source!r} has "
-                    f"{getattr(mine, what)[:12]}. Route experts of this backbone, or pass "
-                    "allow_backbone_mismatch=True to load them anyway."
-                )
+            fix = "Route experts of this backbone, or pass allow_backbone_mismatch=True to load them anyway."
+            check_backbone(expert, model, fix, mine=mine)
     scales = [e.config.scaling for e in experts if isinstance(e.config, LoraConfig)]
     routing = ArrowRouting(
         model, name, [e.name for e in experts], model_names, scales, prototypes, top_k, temperature, track

@@ -1,0 +1,55 @@
+"""The stages' flat model options (the spelling before the typed configs) still work, each move announced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pituning.cli import _fold_flat_stage_options
+from pituning.errors import ConfigError
+
+
+def test_flat_yaml_options_move_under_their_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"model": {"backbone": "b", "lr": 0.01, "k": 2}, "trainer": {"max_epochs": 1}}))
+    args = _fold_flat_stage_options("interpolate", ["--config", str(path), "--trainer.max_epochs=3"])
+    assert args[0] == "--config" and args[2:] == ["--trainer.max_epochs=3"]
+    folded = yaml.safe_load(args[1])
+    assert folded["model"] == {"backbone": "b", "optim": {"lr": 0.01}, "k": 2}  # k is no InterpolationConfig field
+    assert folded["trainer"] == {"max_epochs": 1}
+    assert (
+        "pituning interpolate: model.lr -> model.optim.lr (the flat spelling is deprecated" in capsys.readouterr().err
+    )
+
+
+def test_interpolation_options_fold_only_for_the_interpolate_stage(tmp_path: Path) -> None:
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"model": {"mode": "weights_only", "logits_lr": 0.1}}))
+    folded = yaml.safe_load(_fold_flat_stage_options("interpolate", ["-c", str(path)])[1])
+    assert folded["model"] == {"interpolation": {"mode": "weights_only", "logits_lr": 0.1}}
+    assert _fold_flat_stage_options("train-expert", ["-c", str(path)]) == ["-c", str(path)]  # not its options
+
+
+@pytest.mark.parametrize("args", [["--model.lr=0.5"], ["--model.lr", "0.5"]])
+def test_flat_command_line_options_move(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert _fold_flat_stage_options("train-expert", [*args, "--model.optim.weight_decay=0"]) == [
+        "--model.optim.lr=0.5",
+        "--model.optim.weight_decay=0",
+    ]
+    assert "pituning train-expert: --model.lr -> --model.optim.lr" in capsys.readouterr().err
+
+
+def test_typed_spelling_passes_through_untouched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"model": {"optim": {"lr": 0.01}}}))
+    assert _fold_flat_stage_options("train-expert", ["--config", str(path)]) == ["--config", str(path)]
+    assert capsys.readouterr().err == ""
+
+
+def test_an_option_given_both_ways_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"model": {"lr": 0.01, "optim": {"lr": 0.02}}}))
+    with pytest.raises(ConfigError, match=r"model.lr is given twice.*keep one"):
+        _fold_flat_stage_options("train-expert", ["--config", str(path)])
