@@ -89,8 +89,11 @@ def test_load_in_bf16(tmp_path: Path) -> None:
 
 
 def test_missing_directory_and_unknown_task(tmp_path: Path) -> None:
-    with pytest.raises(BackboneError, match="Could not load backbone .*local model directory"):
+    with pytest.raises(BackboneError, match=r"No backbone directory at .*nowhere.*fix the path"):
         load_backbone(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneError, match=r"from the local directory .*empty.*config.json"):
+        load_backbone(tmp_path / "empty")
     with pytest.raises(ConfigError, match="Unknown backbone task 'speech'"):
         load_backbone(_cfg("bert"), task="speech")
 
@@ -198,3 +201,40 @@ def test_dual_checks_the_tower_families(tmp_path: Path) -> None:
         ConfigError, match="the image tower .* is a bert backbone, but the dual preset takes an efficientnet"
     ):
         load_backbone(f"dual:{tmp_path / 'bert'}+{tmp_path / 'bert'}")
+
+
+def test_a_hub_name_fails_fast_when_the_hub_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name that is no local directory is a hub name; with the hub unreachable (or ``HF_HUB_OFFLINE``) and the
+    model not cached, the error comes at once and names both ways a backbone loads, with no network retries."""
+    import time
+
+    import pituning.backbones as backbones
+
+    backbones._hub_reachable.cache_clear()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the test session sets it
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    start = time.perf_counter()
+    with pytest.raises(BackboneError, match=r"No local backbone directory 'org/no-such-model'.*hub is unreachable"):
+        load_backbone("org/no-such-model")
+    assert time.perf_counter() - start < 5
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match=r"HF_HUB_OFFLINE is set.*local model directory"):
+        backbones.pretrained_path("org/no-such-model", "tokenizer")
+    backbones._hub_reachable.cache_clear()
+
+
+def test_a_cached_hub_model_loads_from_its_snapshot_when_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, a hub name in the Hugging Face cache resolves to its cached snapshot directory."""
+    import pituning.backbones as backbones
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert backbones.pretrained_path("org/tiny") == str(snapshot)

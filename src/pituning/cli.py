@@ -468,6 +468,11 @@ def _run_suite(opts: Namespace) -> int:
     return 0
 
 
+def _interrupted() -> int:
+    print("\npituning: interrupted; run the same command again to resume", file=sys.stderr)
+    return 130
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run the command line ``args`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(args) if args is not None else sys.argv[1:]
@@ -487,6 +492,12 @@ def main(args: Sequence[str] | None = None) -> int:
     except PiTuningError as err:
         print(f"pituning: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every write is atomic and every stage cached: the same command resumes
+        return _interrupted()
+    except SystemExit as exit_:  # a Trainer turns Ctrl-C into sys.exit(1) inside its KeyboardInterrupt handler
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            return _interrupted()
+        raise
     raise AssertionError(cfg.command)  # pragma: no cover
 
 

@@ -169,14 +169,16 @@ def check_methods(cfg: SuiteConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- heads
 def _task_model(run: MethodRun) -> Any:
-    """A fresh task model for the target: the suite's backbone, no expert yet, the target's classes."""
+    """A fresh task model for the target: the suite's backbone (in its ``backbone_dtype``, as the stages load it), no
+    expert yet, the target's classes."""
     from pituning.backbones import load_backbone
     from pituning.heads import TaskModel
     from pituning.model import ExpertModel
+    from pituning.modules.base import BACKBONE_DTYPES
 
     cfg, dm = run.cfg, run.datamodule
     dm.setup("fit")
-    kwargs: dict[str, Any] = {"task": cfg.backbone_task}
+    kwargs: dict[str, Any] = {"task": cfg.backbone_task, "dtype": BACKBONE_DTYPES[cfg.backbone_dtype]}
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
     experts = ExpertModel(load_backbone(cfg.backbone, **kwargs))

@@ -186,3 +186,46 @@ def test_run_suite_of_sources_only(tiny_backbone: str, tasks: dict[str, str], tm
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["rows"] == [] and results["paired"] == {} and set(results["sources"]) == {"close", "far1"}
     assert set(json.loads((tmp_path / "run" / "graph" / "graph.json").read_text())["names"]) == {"close", "far1"}
+
+
+def test_ctrl_c_says_how_to_resume(
+    tiny_backbone: str,
+    tasks: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C inside a Trainer (Lightning turns it into ``sys.exit(1)``) and outside one: exit 130 with how to resume,
+    and no expert half-stored."""
+    import signal
+
+    from pituning.modules import ExpertTrainingModule
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    bank = tmp_path / "bank"
+    config = {
+        "model": {
+            "backbone": tiny_backbone,
+            "expert": {"kind": "lora", "r": 4},
+            "expert_name": "close",
+            "bank": str(bank),
+        },
+        "data": _data(tasks["close"], tiny_backbone, "close", max_train_examples=32),
+        "trainer": TRAINER,
+    }
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(ExpertTrainingModule, "training_step", interrupt)
+    try:
+        assert main(["train-expert", "--config", _yaml(tmp_path / "close.yaml", config)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    assert "pituning: interrupted; run the same command again to resume" in capsys.readouterr().err
+    assert "close" not in ExpertBank(bank)  # nothing half-stored
+    import pituning.suite
+
+    monkeypatch.setattr(pituning.suite, "run_suite", interrupt)
+    suite = tiny_suite(tiny_backbone, tasks, tmp_path / "run")
+    assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err

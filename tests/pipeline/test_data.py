@@ -69,6 +69,35 @@ def test_text_errors(tiny_backbone: str, tmp_path: Path) -> None:
         text_data("no/such-dataset", tiny_backbone, "x").setup()
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_file_in_another_encoding_is_named_and_read_with_the_encoding_option(
+    suffix: str, tiny_backbone: str, tmp_path: Path
+) -> None:
+    rows = [(f"caf\xe9 w{i % 2} d\xe9j\xe0", i % 2) for i in range(40)]
+    path = tmp_path / f"latin{suffix}"
+    if suffix == ".csv":
+        path.write_bytes(("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)).encode("latin-1"))
+    else:
+        lines = "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows)
+        path.write_bytes(lines.encode("latin-1"))
+    line = 2 if suffix == ".csv" else 1
+    with pytest.raises(DataError, match=rf"is not valid utf-8 \(line {line}: .*data: \{{encoding: latin-1\}}"):
+        text_data(str(path), tiny_backbone, "latin").setup()
+    data = text_data(str(path), tiny_backbone, "latin", encoding="latin-1")
+    data.setup()
+    records = data.splits["train"][0] + data.splits["test"][0]
+    assert any("café" in str(r) for r in records)  # decoded, not mangled
+    with pytest.raises(Exception, match="Unknown encoding 'latin-99'"):
+        text_data(str(path), tiny_backbone, "latin", encoding="latin-99").setup()
+
+
+def test_a_header_without_rows_is_named(tiny_backbone: str, tmp_path: Path) -> None:
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match=r"hold no examples \(a header alone\?\); add rows") as err:
+        text_data(str(tmp_path / "header.csv"), tiny_backbone, "header").setup()
+    assert "Pass an existing local file" not in str(err.value)  # the file exists: that was the wrong fix
+
+
 def test_text_to_text_targets(tiny_backbone: str, tasks: dict[str, str]) -> None:
     data = text_data(tasks["close"], tiny_backbone, "c", text_to_text=True, label_names=["neg", "pos"])
     data.setup()

@@ -79,3 +79,35 @@ def test_every_method_runs_on_a_library_of_imported_adapters(
 def test_a_library_needs_the_few_shot_predictor(tiny_backbone: str, tasks: dict[str, str], library: str) -> None:
     with pytest.raises(ConfigError, match="predictor: few_shot_loss"):
         SuiteConfig(**tiny_suite(tiny_backbone, tasks, Path("unused"), sources=[], library=library))
+
+
+def test_one_method_on_one_target_from_the_command_line(
+    tiny_backbone: str, tasks: dict[str, str], library: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command-line way to reuse a bank on one target with a chosen method: ``pituning run`` over the bank as its
+    ``library:``, the method picked on the command line; the merged expert lands in the suite's bank with its
+    provenance."""
+    import json
+
+    import yaml
+
+    from pituning.cli import main
+
+    suite = tiny_suite(
+        tiny_backbone,
+        tasks,
+        tmp_path / "run",
+        sources=[],
+        library=library,
+        expert={"kind": "lora", "r": 4, "alpha": 8, "target_modules": [r".*\.(query|value)"]},
+        interpolation={"predictor": "few_shot_loss"},
+    )
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    argv = ["run", "--config", str(tmp_path / "suite.yaml"), "--methods", "[ties]"]
+    assert main([*argv, "--method_options", "{ties: {density: 0.5, finetune: false}}"]) == 0
+    out = capsys.readouterr().out
+    assert "target target_s1: ties" in out and "uniform_average" not in out  # only the chosen method
+    (row,) = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert row["methods"]["ties"]["density"] == 0.5 and row["methods"]["ties"]["head"] == "refit"
+    merged = ExpertBank(tmp_path / "run" / "bank").get("target_s1_ties_merged").provenance
+    assert merged["method"] == "ties" and merged["density"] == 0.5 and merged["sources"] == row["sources"]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pituning.config import METHOD_NAMES, SuiteConfig
 from pituning.errors import ConfigError
@@ -82,3 +83,33 @@ def test_baselines_is_the_old_spelling_of_methods(tiny_backbone: str, tasks: dic
     with pytest.warns(DeprecationWarning, match="rename it methods"):
         cfg = SuiteConfig(**tiny_suite(tiny_backbone, tasks, tmp_path, baselines=["best_source_init"]))
     assert cfg.methods == ["best_source_init"] and cfg.baselines is None
+
+
+def test_gradient_free_methods_run_on_the_suites_backbone_dtype(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suite with ``backbone_dtype: bfloat16`` runs the methods that build their own task model (refitted heads,
+    LoraHub, Arrow, a merge without fine-tuning) on a bf16 backbone, as the stages do."""
+    import pituning.methods as methods
+
+    dtypes: list[object] = []
+    build = methods._task_model
+
+    def spy(run: object) -> object:
+        model = build(run)  # type: ignore[arg-type]
+        dtypes.append(next(model.experts.backbone.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(methods, "_task_model", spy)
+    suite = tiny_suite(
+        tiny_backbone,
+        tasks,
+        tmp_path / "run",
+        backbone_dtype="bfloat16",
+        methods=["lorahub", "arrow", "ties"],
+        method_options={"lorahub": {"budget": 2}, "ties": {"finetune": False}},
+    )
+    (row,) = run_suite(SuiteConfig(**suite))["rows"]
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    for method in ("lorahub", "arrow", "ties"):
+        assert 0.0 <= row[method] <= 1.0 and row["methods"][method]["head"] == "refit", method

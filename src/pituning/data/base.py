@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from pituning.errors import ConfigError, PiTuningError
 from pituning.tasks import TaskInfo
 
-__all__ = ["DataError", "ListDataset", "TaskDataModule", "load_table", "pad_collate"]
+__all__ = ["DataError", "ListDataset", "TaskDataModule", "check_text_file", "load_table", "pad_collate"]
 
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -29,14 +29,42 @@ class DataError(PiTuningError):
     """A dataset is missing, empty, single-class, or too small for the requested shots."""
 
 
+def check_text_file(path: str | Path, encoding: str = "utf-8") -> None:
+    """Raise a :class:`DataError` naming the line and the fix if the text file ``path`` does not decode with
+    ``encoding`` (read in 1 MiB chunks)."""
+    import codecs
+
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError as err:
+        raise ConfigError(f"Unknown encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1.") from err
+    line = 1
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                line += chunk[: err.start].count(b"\n")
+                raise DataError(
+                    f"Data file {str(path)!r} is not valid {encoding} (line {line}: {err.reason}, byte "
+                    f"{chunk[err.start : err.start + 1]!r}). Pass its encoding as the DataModule's encoding option "
+                    "(data: {encoding: latin-1}, for example), or save the file as UTF-8."
+                ) from err
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+
+
 def load_table(
-    source: str, split_names: Sequence[str] = ("train", "validation", "test"), **kwargs: Any
+    source: str, split_names: Sequence[str] = ("train", "validation", "test"), encoding: str = "utf-8", **kwargs: Any
 ) -> dict[str, Any]:
     """Load ``source`` into ``{split: datasets.Dataset}``.
 
     ``source`` is a local file (csv, tsv, jsonl, json, parquet), a directory holding ``train.*`` / ``validation.*``
     / ``test.*`` files of one of those types, or a Hugging Face dataset name (``load_dataset``; offline it must be in
-    the local cache).
+    the local cache). Local text files are read with ``encoding`` (checked first: a file that does not decode is a
+    :class:`DataError` naming the line); a file without rows (empty, or a header alone) is a :class:`DataError` too.
     """
     import datasets
 
@@ -50,21 +78,34 @@ def load_table(
         if path.stat().st_size == 0:
             raise DataError(f"Data file {source!r} is empty.")
         builder_args: tuple[Any, ...] = (builder,)
-        kwargs = {"data_files": {"train": str(path)}, **kwargs}
+        files = {"train": str(path)}
     elif path.is_dir() and any(p.stem in split_names and p.suffix.lower() in _FILE_BUILDERS for p in path.iterdir()):
         files = {p.stem: str(p) for p in sorted(path.iterdir()) if p.stem in split_names}
         builder_args = (_FILE_BUILDERS[Path(next(iter(files.values()))).suffix.lower()],)
-        kwargs = {"data_files": files, **kwargs}
     else:
-        builder_args = (source,)
+        builder_args, files = (source,), {}
+    if files:
+        kwargs = {"data_files": files, **kwargs}
+        if builder_args[0] != "parquet":
+            for file in files.values():
+                check_text_file(file, encoding)
+            kwargs.setdefault("encoding", encoding)
     try:
-        loaded = datasets.load_dataset(*builder_args, **kwargs)
+        loaded = dict(datasets.load_dataset(*builder_args, **kwargs))
     except Exception as err:
+        if files and "corresponds to no data" in str(err):  # a CSV with its header alone, a JSON with no records
+            raise DataError(
+                f"Data file(s) {sorted(files.values())} hold no examples (a header alone?); add rows, one example "
+                "per line."
+            ) from err
         raise DataError(
             f"Could not load dataset {source!r} ({type(err).__name__}: {err}). Pass an existing local file or "
             "directory, or a dataset name available offline in the Hugging Face cache."
         ) from err
-    return dict(loaded)
+    empty = sorted(split for split, table in loaded.items() if len(table) == 0)
+    if files and empty:
+        raise DataError(f"Data file(s) of split(s) {empty} in {source!r} hold no examples (a header alone?); add rows.")
+    return loaded
 
 
 def pad_collate(items: Sequence[Mapping[str, Tensor]], pad_ids: Mapping[str, int] | None = None) -> dict[str, Tensor]:
@@ -124,6 +165,8 @@ class TaskDataModule(pl.LightningDataModule):
         unseen_classes: label names whose examples never reach the training or validation split: they stay
             classes (a matching task's candidate captions, a head's outputs) and are tested, but no method sees one
             of their images or texts in training (open-vocabulary evaluation).
+        encoding: text encoding of local csv / tsv / jsonl / json files (``latin-1``, ``cp1252`` ...); a file that
+            does not decode with it is an error naming the line.
     """
 
     modality = "other"
@@ -153,6 +196,7 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         label_names: Sequence[str] | None = None,
         unseen_classes: Sequence[str] = (),
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__()
         if shots_per_class is not None and shots_per_class < 1:
@@ -177,6 +221,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.encoding = encoding
         self.label_names: list[str] = list(label_names or [])
         self.unseen_classes = [str(c) for c in unseen_classes]
         self.splits: dict[str, tuple[list[Any], list[int]]] = {}
@@ -198,11 +243,15 @@ class TaskDataModule(pl.LightningDataModule):
         tower's); sets the pad ids used by :func:`pad_collate`."""
         from transformers import AutoTokenizer
 
-        from pituning.backbones import dual_specs, resolve_model_path
+        from pituning.backbones import dual_specs, hub_load_error, pretrained_path, resolve_model_path
 
         if name.startswith("dual:"):
             name = dual_specs(name)[1]
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+        path = pretrained_path(resolve_model_path(name), "tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise DataError(hub_load_error(name, "tokenizer", err)) from err
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._pad_ids = {"input_ids": int(tokenizer.pad_token_id), "attention_mask": 0}

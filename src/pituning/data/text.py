@@ -61,7 +61,7 @@ class TextClassificationDataModule(TaskDataModule):
 
     def read(self) -> dict[str, tuple[list[Any], list[Any]]]:
         options = {"name": self.dataset_config} if self.dataset_config else {}
-        tables = load_table(self.source, **options)
+        tables = load_table(self.source, encoding=self.encoding, **options)
         out = {}
         for split, table in tables.items():
             columns = set(table.column_names)

@@ -130,7 +130,7 @@ class ImageClassificationDataModule(TaskDataModule):
 
             tables = dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
         else:
-            tables = load_table(self.source)
+            tables = load_table(self.source, encoding=self.encoding)
         out = {}
         for split, table in tables.items():
             feature = table.features.get(self.label_column)

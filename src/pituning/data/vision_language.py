@@ -96,7 +96,7 @@ class VisionLanguageDataModule(TaskDataModule):
         if path.suffix == ".npz":  # matching only: an image and its label per example
             arrays = read_npz(path)
             return keep_classes({s: ([(x, None) for x in xs], ys) for s, (xs, ys) in arrays.items()}, self.classes)
-        tables = load_table(self.source)
+        tables = load_table(self.source, encoding=self.encoding)
         base = path.parent if path.is_file() else path
         out = {}
         for split, table in tables.items():

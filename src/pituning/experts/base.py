@@ -13,6 +13,7 @@ classes instead of naming kinds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from abc import ABC, abstractmethod
@@ -80,6 +81,8 @@ class ExpertConfig:
     """Base of every expert config. Subclasses are dataclasses registered with :func:`register_expert_kind`."""
 
     kind: ClassVar[str] = ""
+    attaches_to: ClassVar[str] = "the backbone's linear layers"
+    """What this kind attaches to, for error messages."""
     host_cls: ClassVar[type[ExpertHost]]
 
     target_modules: list[str] | None = None
@@ -138,6 +141,17 @@ class ExpertConfig:
             return names
         roles = self.default_roles(info)
         names = info.names(*roles)
+        if not roles:  # the family lacks what this kind attaches to at all: name the kinds that fit it
+            fitting = []
+            for kind, config_class in EXPERT_KINDS.items():
+                with contextlib.suppress(Exception):
+                    if kind != self.kind and info.names(*config_class().default_roles(info)):
+                        fitting.append(kind)
+            raise UnsupportedExpertError(
+                f"{self.kind} experts do not fit the {info.family} backbone: they attach to {self.attaches_to}, and "
+                f"it has none. Use {' or '.join(fitting) or 'another kind'} instead"
+                + (", which fit its layers." if fitting else ".")
+            )
         if not names:
             raise UnsupportedExpertError(
                 f"The {info.family} backbone has no default insertion point for {self.kind} experts (roles "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pituning.backbones import BackboneInfo
 from pituning.errors import ConfigError
@@ -35,6 +36,8 @@ class PrefixConfig(ExpertConfig):
         if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
             raise ConfigError(f"PrefixConfig.num_tokens must be a positive integer, got {self.num_tokens!r}.")
         positive(self.init_std, "PrefixConfig.init_std", allow_zero=True)
+
+    attaches_to: ClassVar[str] = "self-attention layers (as extra keys and values)"
 
     def default_roles(self, info: BackboneInfo) -> tuple[str, ...]:
         role = info.description.prefix_role
