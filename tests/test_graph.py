@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from pituning import ConfigError
-from pituning.graph import rescale_fisher, similarity_to_many, task_similarity
+from pituning.graph import TaskGraph, rescale_fisher, similarity_to_many, task_similarity
 
 
 def _emb(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -74,3 +75,34 @@ def test_layout_mismatch_is_an_error() -> None:
         similarity_to_many({"a": torch.ones(2)}, [{"b": torch.ones(2)}])
     with pytest.raises(ConfigError, match="Unknown Fisher rescaling"):
         rescale_fisher(torch.ones(2), "log")
+
+
+@pytest.mark.parametrize("n", [2, 5, 17, 20])
+def test_heatmap_scale_fits_the_off_diagonal_and_the_title_clears_the_colour_bar(n: int, tmp_path: Path) -> None:
+    """Similarities clustered in 0.70-0.86 (as a 17-task suite gave) fill the colour scale, not a sliver of 0-1; the
+    title overlaps neither the colour bar nor the matrix, from 2 to 20 tasks."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gen = torch.Generator().manual_seed(n)
+    upper = 0.70 + 0.16 * torch.rand(n, n, generator=gen)
+    matrix = torch.triu(upper, 1) + torch.triu(upper, 1).T + torch.eye(n)
+    if n == 2:
+        matrix = torch.tensor([[1.0, 0.8], [0.8, 1.0]])  # one off-diagonal value: nothing to spread, the 0-1 scale
+    graph = TaskGraph([f"task_{i:02d}_name" for i in range(n)], matrix)
+    low, high = graph.colour_range()
+    off = matrix[~torch.eye(n, dtype=torch.bool)]
+    if n == 2:
+        assert (low, high) == (0.0, 1.0)
+    else:
+        assert low < float(off.min()) < float(off.max()) < high and high - low < 0.2  # the clustered range, padded
+    fig = graph.heatmap_figure()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    heat, bar = fig.axes
+    title = heat.title.get_window_extent(renderer)
+    assert not title.overlaps(bar.get_window_extent(renderer))
+    assert not title.overlaps(heat.get_window_extent(renderer)) or title.y0 >= heat.get_window_extent(renderer).y1 - 1
+    plt.close(fig)
+    assert set(graph.plot(tmp_path, k=1)) == {"heatmap", "graph"}

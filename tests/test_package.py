@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,33 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bank_list_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
+    """``pituning bank list`` reads the catalog alone (manifest and journal): no torch, no Lightning."""
+    from bank_helpers import tiny_expert
+    from pituning.bank import ExpertBank
+
+    bank = ExpertBank(tmp_path / "bank")
+    bank.add(tiny_expert("a"))
+    bank.add(tiny_expert("b", seed=1, modality="vision"))
+    code = (
+        "import sys; from pituning.cli import main; status = main(['bank', 'list', '--bank', sys.argv[1]]); "
+        "print([m for m in ('torch', 'lightning', 'transformers') if m in sys.modules], status)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bank")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "[] 0"
+    assert lines[-2] == f"2 expert(s) in {tmp_path / 'bank'}" and lines[1].split()[:3] == ["a", "lora", "text"]
+
+
+def test_the_catalog_knows_the_built_in_kinds() -> None:
+    """The catalog checks records' kinds against :data:`BUILTIN_KINDS` until the experts (and torch) are imported."""
+    from pituning.bank.format import BUILTIN_KINDS, known_kinds
+
+    assert set(BUILTIN_KINDS) <= set(EXPERT_KINDS) and known_kinds() is EXPERT_KINDS  # the registry once imported
+    assert {k for k, c in EXPERT_KINDS.items() if c.__module__.startswith("pituning.")} == set(BUILTIN_KINDS)
 
 
 def test_registry_has_the_three_kinds() -> None:

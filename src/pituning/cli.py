@@ -205,11 +205,31 @@ def _backbone_description(value: str | None) -> Any:
         raise ConfigError(f"{where}: {err}; the fields are those of BackboneDescription.") from err
 
 
-def _run_bank(cfg: Namespace) -> int:
-    from pituning.bank import ExpertBank, TaskInfo
+def _list_bank(bank: Any, opts: Namespace) -> None:
+    entries = bank.list(modality=opts.modality, kind=opts.kind, task=opts.task, backbone=opts.backbone)
+    if opts.json:
+        for e in entries:
+            record = {"name": e.name, "kind": e.kind, "modality": e.modality, "task": e.task, "backbone": e.backbone}
+            print(json.dumps({**record, "embedding": e.has_embedding, "created": e.created}))
+        return
+    rows = [["NAME", "KIND", "MODALITY", "TASK", "BACKBONE", "EMBEDDING", "CREATED"]]
+    rows += [
+        [e.name, e.kind, e.modality, e.task, e.backbone, "yes" if e.has_embedding else "no", e.created] for e in entries
+    ]
+    _print_table(rows)
+    print(f"{len(entries)} expert(s) in {bank.location}")
 
+
+def _run_bank(cfg: Namespace) -> int:
     action = cfg.action
     opts = cfg[action]
+    if action == "list":  # the catalog alone: no torch, so listing starts fast
+        from pituning.bank import BankCatalog
+
+        _list_bank(BankCatalog(opts.bank, create=False), opts)
+        return 0
+    from pituning.bank import ExpertBank, TaskInfo
+
     if action == "recover":
         report = ExpertBank.recover(opts.bank)
         for line in report.dropped:
@@ -223,32 +243,6 @@ def _run_bank(cfg: Namespace) -> int:
         print(f"{report.entries} expert(s) in {opts.bank}")
         return 0
     bank = ExpertBank(opts.bank, create=action == "import-peft")
-    if action == "list":
-        entries = bank.list(modality=opts.modality, kind=opts.kind, task=opts.task, backbone=opts.backbone)
-        if opts.json:
-            for e in entries:
-                print(
-                    json.dumps(
-                        {
-                            "name": e.name,
-                            "kind": e.kind,
-                            "modality": e.modality,
-                            "task": e.task,
-                            "backbone": e.backbone,
-                            "embedding": e.has_embedding,
-                            "created": e.created,
-                        }
-                    )
-                )
-        else:
-            rows = [["NAME", "KIND", "MODALITY", "TASK", "BACKBONE", "EMBEDDING", "CREATED"]]
-            rows += [
-                [e.name, e.kind, e.modality, e.task, e.backbone, "yes" if e.has_embedding else "no", e.created]
-                for e in entries
-            ]
-            _print_table(rows)
-            print(f"{len(entries)} expert(s) in {bank.location}")
-        return 0
     if action == "show":
         entry = bank.entry(opts.name)
         meta: dict[str, Any] = bank._meta(entry)

@@ -326,9 +326,52 @@ class TaskGraph:
         matrix = torch.tensor([[float("nan") if v is None else v for v in row] for row in data["matrix"]])
         return cls(data["names"], matrix, modalities=data.get("modalities"), skipped=data.get("skipped"))
 
+    def colour_range(self) -> tuple[float, float]:
+        """The heatmap's colour scale: the range of the off-diagonal similarities (a task's similarity to itself is
+        always the top and would squeeze every other value into a few shades), padded by 5% of it; ``(0, 1)`` when
+        there are no two finite off-diagonal values that differ."""
+        n = len(self.names)
+        off = self.matrix[~torch.eye(n, dtype=torch.bool)] if n > 1 else self.matrix.new_zeros(0)
+        off = off[torch.isfinite(off)]
+        if off.numel() < 2 or float(off.max() - off.min()) <= 0.0:
+            return 0.0, 1.0
+        low, high = float(off.min()), float(off.max())
+        pad = 0.05 * (high - low)
+        return low - pad, high + pad
+
+    def heatmap_figure(self) -> Any:
+        """The heatmap as a matplotlib figure: off-diagonal similarities on :meth:`colour_range`, the diagonal in grey,
+        values written in the cells up to 12 tasks; sized for 2 to 20+ tasks, with the title clear of the colour bar
+        (constrained layout)."""
+        import matplotlib.pyplot as plt
+
+        n = len(self.names)
+        low, high = self.colour_range()
+        values = self.matrix.clone()
+        values.fill_diagonal_(float("nan"))
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad("lightgrey")
+        side = max(3.5, 1.4 + 0.42 * n)
+        fig, ax = plt.subplots(figsize=(side + 1.3, side), layout="constrained")
+        image = ax.imshow(values.numpy(), vmin=low, vmax=high, cmap=cmap)
+        fontsize = 8 if n <= 12 else 6
+        ax.set_xticks(range(n), self.names, rotation=60, ha="right", fontsize=fontsize)
+        ax.set_yticks(range(n), self.names, fontsize=fontsize)
+        if n <= 12:
+            middle = (low + high) / 2
+            for i in range(n):
+                for j in range(n):
+                    value = float(self.matrix[i, j])
+                    if i != j and value == value:
+                        colour = "black" if value > middle else "white"
+                        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+        fig.colorbar(image, ax=ax, shrink=0.8, label=f"task similarity (off-diagonal, {low:.2f} to {high:.2f})")
+        ax.set_title("Task similarity (Fisher)", fontsize=10)
+        return fig
+
     def plot(self, directory: str | Any, *, k: int = 2) -> dict[str, str]:
-        """Write ``heatmap.png`` (the matrix) and ``graph.png`` (each task linked to its ``k`` nearest) with
-        matplotlib (an optional dependency: ``pip install matplotlib``)."""
+        """Write ``heatmap.png`` (the matrix, :meth:`heatmap_figure`) and ``graph.png`` (each task linked to its
+        ``k`` nearest) with matplotlib (an optional dependency: ``pip install matplotlib``)."""
         try:
             import matplotlib
 
@@ -342,16 +385,11 @@ class TaskGraph:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         n = len(self.names)
-        fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
-        image = ax.imshow(self.matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_xticks(range(n), self.names, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), self.names, fontsize=8)
-        fig.colorbar(image, ax=ax, label="task similarity")
-        ax.set_title("Task similarity (Fisher)")
-        fig.tight_layout()
+        fig = self.heatmap_figure()
         fig.savefig(out / "heatmap.png", dpi=120)
         plt.close(fig)
-        fig, ax = plt.subplots(figsize=(6, 6))
+        low, high = self.colour_range()
+        fig, ax = plt.subplots(figsize=(6, 6), layout="constrained")
         points = {
             name: (_math.cos(2 * _math.pi * i / n), _math.sin(2 * _math.pi * i / n))
             for i, name in enumerate(self.names)
@@ -359,13 +397,13 @@ class TaskGraph:
         for name in self.names:
             for other, sim in self.top_k(name, k):
                 (x0, y0), (x1, y1) = points[name], points[other]
-                ax.plot([x0, x1], [y0, y1], color="tab:blue", alpha=0.2 + 0.8 * max(0.0, min(1.0, sim)), lw=1 + 2 * sim)
+                strength = max(0.0, min(1.0, (sim - low) / (high - low)))  # on the heatmap's scale
+                ax.plot([x0, x1], [y0, y1], color="tab:blue", alpha=0.15 + 0.85 * strength, lw=0.5 + 2.5 * strength)
         for name, (x, y) in points.items():
             ax.scatter([x], [y], s=80, color="tab:orange", zorder=3)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_axis_off()
         ax.set_title(f"Task graph: each task linked to its {k} most similar")
-        fig.tight_layout()
         fig.savefig(out / "graph.png", dpi=120)
         plt.close(fig)
         return {"heatmap": str(out / "heatmap.png"), "graph": str(out / "graph.png")}

@@ -28,6 +28,20 @@ def test_bank_benchmark_runs(tmp_path: Path) -> None:
     assert "| list + filter, warm handle |" in (tmp_path / "bank.md").read_text()
 
 
+def test_startup_benchmark_runs(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "startup" / "run.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--repeats", "1", "--no-stages", "--out", str(tmp_path / "startup")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["command"]: r for r in json.loads((tmp_path / "startup.json").read_text())["rows"]}
+    assert rows["pituning bank list"]["imports"] == [] and rows["pituning --help"]["imports"] == []
+    assert "torch" in rows['python -c "import torch" (reference)']["imports"]
+
+
 def _quality(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     script = ROOT / "benchmarks" / "quality" / "run.py"
     return subprocess.run(

@@ -24,7 +24,8 @@ harmless.
 
 The bank is a package, one module per responsibility, composed into :class:`ExpertBank`:
 :mod:`~pituning.bank.records` (the dataclasses), :mod:`~pituning.bank.format` (the on-disk record format),
-:mod:`~pituning.bank.store` (manifest, journal, writing and reading), :mod:`~pituning.bank.search` (similarity search
+:mod:`~pituning.bank.catalog` (manifest, journal and listing, without torch), :mod:`~pituning.bank.store` (writing
+and reading experts), :mod:`~pituning.bank.search` (similarity search
 and its cache), :mod:`~pituning.bank.combine` (averaging), :mod:`~pituning.bank.interop` (PEFT) and
 :mod:`~pituning.bank.integrity` (verify, gc, recover). :class:`TaskInfo` lives in :mod:`pituning.tasks` and
 :func:`sync_experts_` in :mod:`pituning.distributed`; both are re-exported here.
@@ -32,28 +33,29 @@ and its cache), :mod:`~pituning.bank.combine` (averaging), :mod:`~pituning.bank.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
-from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from pituning.bank import store as _store
-from pituning.bank.combine import CombineMixin, average_heads
+from pituning.bank.catalog import DEAD as DEAD
+from pituning.bank.catalog import JOURNAL as JOURNAL
+from pituning.bank.catalog import MANIFEST as MANIFEST
+from pituning.bank.catalog import BankCatalog
 from pituning.bank.format import SCHEMA_VERSION
-from pituning.bank.integrity import IntegrityMixin
-from pituning.bank.interop import PeftMixin
 from pituning.bank.records import BackboneIdentity, BankEntry, Expert, Recovery
-from pituning.bank.search import SearchMixin
-from pituning.bank.store import DEAD as DEAD
-from pituning.bank.store import JOURNAL as JOURNAL
-from pituning.bank.store import MANIFEST as MANIFEST
-from pituning.distributed import sync_experts_
-from pituning.model import ExpertModel
 from pituning.tasks import MODALITIES, TaskInfo
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and the docs; at run time these load on first use
+    from pituning.bank.combine import average_heads
+    from pituning.bank.expert_bank import ExpertBank
+    from pituning.distributed import sync_experts_
 
 __all__ = [
     "MODALITIES",
     "SCHEMA_VERSION",
     "BackboneIdentity",
+    "BankCatalog",
     "BankEntry",
     "Expert",
     "ExpertBank",
@@ -63,31 +65,17 @@ __all__ = [
     "sync_experts_",
 ]
 
-
-class ExpertBank(IntegrityMixin, PeftMixin, SearchMixin, CombineMixin):
-    """A directory of experts with a checksummed manifest.
-
-    Args:
-        location: a local directory or an fsspec URL (``memory://bank``, ``s3://bucket/bank``).
-        create: create an empty bank if none is there (else raise).
-        dtype: storage dtype of expert weights, ``torch.float32`` (default) or ``torch.bfloat16``; experts always
-            load as fp32.
-
-    Example:
-        >>> bank = ExpertBank("memory://doc-bank")
-        >>> len(bank)
-        0
-    """
-
-    # ------------------------------------------------------------------ distributed
-    @staticmethod
-    def sync_(target: ExpertModel | Expert | Sequence[Expert], names: Sequence[str] | None = None) -> None:
-        """Mean-reduce experts across the ranks of the default process group, in place (see :func:`sync_experts_`)."""
-        sync_experts_(target, names)
+_LAZY = {
+    "ExpertBank": "pituning.bank.expert_bank",
+    "average_heads": "pituning.bank.combine",
+    "sync_experts_": "pituning.distributed",
+}
+"""The names that need torch -> their module, imported on first use (listing a bank needs none of them)."""
 
 
 class _BankModule(types.ModuleType):
-    """The type of the ``pituning.bank`` module: its ``COMPACT_EVERY`` is the store's.
+    """The type of the ``pituning.bank`` module: its ``COMPACT_EVERY`` is the store's, and the names that need torch
+    load on first use.
 
     ``pituning.bank.COMPACT_EVERY = 3`` (tests and benchmarks set it, also through ``monkeypatch.setattr``) sets
     :data:`pituning.bank.store.COMPACT_EVERY`, which the store reads at every commit, as it did when the bank was one
@@ -96,11 +84,23 @@ class _BankModule(types.ModuleType):
 
     @property
     def COMPACT_EVERY(self) -> int:  # noqa: N802
-        return _store.COMPACT_EVERY
+        return int(importlib.import_module("pituning.bank.store").COMPACT_EVERY)
 
     @COMPACT_EVERY.setter
     def COMPACT_EVERY(self, value: int) -> None:  # noqa: N802
-        _store.COMPACT_EVERY = value
+        store: Any = importlib.import_module("pituning.bank.store")
+        store.COMPACT_EVERY = value
+
+    def __getattr__(self, name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'pituning.bank' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(self, name, value)  # the next access is a plain attribute
+        return value
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(_LAZY))
 
 
 sys.modules[__name__].__class__ = _BankModule

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pituning.errors import BankCorruptionError, BankError
 from pituning.tasks import MODALITIES
 
 __all__ = [
+    "BUILTIN_KINDS",
     "FILENAMES",
     "FORMAT",
     "SCHEMA_VERSION",
@@ -30,6 +32,7 @@ __all__ = [
     "decode_manifest",
     "encode_line",
     "encode_manifest",
+    "known_kinds",
     "sha256",
 ]
 
@@ -202,15 +205,26 @@ def _record_ok(record: Any, kinds: Any) -> bool:
     return "embedding" in files and type(layout) is str and _LAYOUT.fullmatch(layout) is not None
 
 
+BUILTIN_KINDS = ("lora", "adapter", "prefix")
+"""The kinds pituning registers itself (a test keeps this in step with the registry)."""
+
+
+def known_kinds() -> Collection[str]:
+    """The expert kinds a record may name: the registry's (:data:`pituning.experts.EXPERT_KINDS`, kinds registered
+    by users included) once the experts are imported; before that the built-in ones, so that reading the catalog
+    (``pituning bank list``) needs no torch."""
+    base = sys.modules.get("pituning.experts.base")
+    return base.EXPERT_KINDS if base is not None else BUILTIN_KINDS  # type: ignore[no-any-return]
+
+
 def check_record(record: Any, where: str) -> dict[str, Any]:
     """Validate one bank entry record (as stored in the manifest and in ``add`` journal lines).
 
     Raises:
         BankCorruptionError: a missing, unknown or malformed field, naming ``where``.
     """
-    from pituning.experts.base import EXPERT_KINDS
-
-    if _record_ok(record, EXPERT_KINDS):
+    kinds = known_kinds()
+    if _record_ok(record, kinds):
         return record  # type: ignore[no-any-return]
     if not isinstance(record, dict):
         raise _fail(where, "an entry is not a JSON object")
@@ -218,7 +232,7 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
         missing, extra = sorted(_RECORD_KEYS - set(record)), sorted(set(record) - _RECORD_KEYS)
         raise _fail(where, f"entry fields differ from the format (missing {missing}, unknown {extra})")
     name = _str(record, "name", where, _NAME)
-    if _str(record, "kind", where) not in EXPERT_KINDS:
+    if _str(record, "kind", where) not in kinds:
         raise _fail(where, f"entry {name!r} has unknown kind {record['kind']!r}")
     if _str(record, "modality", where) not in MODALITIES:
         raise _fail(where, f"entry {name!r} has unknown modality {record['modality']!r}")
@@ -297,11 +311,10 @@ def decode_manifest(data: bytes, where: str) -> tuple[dict[str, dict[str, Any]],
     body = _check_seal(obj, data, where, required=schema >= 2)
     if set(body) != {"format", "schema", "library", "entries"} or not isinstance(body["entries"], dict):
         raise _fail(where, f"manifest fields differ from the format ({sorted(body)})")
-    from pituning.experts.base import EXPERT_KINDS
-
+    kinds = known_kinds()
     entries: dict[str, dict[str, Any]] = {}
     for name, record in body["entries"].items():
-        if not _record_ok(record, EXPERT_KINDS):
+        if not _record_ok(record, kinds):
             check_record(record, f"{where} entry {name!r}")  # raises, naming the problem
         if record["name"] != name:
             raise _fail(where, f"entry {name!r} holds a record named {record['name']!r}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
+from pituning.bank.catalog import _library
 from pituning.bank.format import (
     FILENAMES,
     check_folder,
@@ -30,7 +31,6 @@ from pituning.bank.store import (
     MANIFEST,
     _check_shapes,
     _layout,
-    _library,
     _load_tensors,
     _sha256,
 )

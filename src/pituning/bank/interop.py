@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pituning.bank.catalog import _library
 from pituning.bank.records import Expert
-from pituning.bank.store import BankStore, _library
+from pituning.bank.store import BankStore
 from pituning.errors import BankError, ConfigError, ExpertError
 from pituning.experts.base import ExpertConfig, validate_name
 from pituning.experts.lora import LoraConfig

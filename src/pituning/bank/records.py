@@ -1,20 +1,22 @@
 """The bank's records: an :class:`Expert` in memory, the :class:`BackboneIdentity` it belongs to, a stored
-:class:`BankEntry` and the :class:`Recovery` report. Plain dataclasses; no file access."""
+:class:`BankEntry` and the :class:`Recovery` report. Plain dataclasses; no file access, and no torch import."""
 
 from __future__ import annotations
 
 import builtins
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-
-from pituning.backbones import Fingerprint
 from pituning.errors import BackboneMismatchError, ExpertError
-from pituning.experts.base import ExpertConfig
-from pituning.model import ExpertModel
 from pituning.tasks import TaskInfo
+
+if TYPE_CHECKING:  # annotations only: the records import no torch (``pituning bank list`` starts without it)
+    from torch import Tensor
+
+    from pituning.backbones import Fingerprint
+    from pituning.experts.base import ExpertConfig
+    from pituning.model import ExpertModel
 
 __all__ = ["BackboneIdentity", "BankEntry", "Expert", "Recovery", "check_backbone"]
 
@@ -42,6 +44,8 @@ class BackboneIdentity:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackboneIdentity:
         """Inverse of :meth:`to_dict`."""
+        from pituning.backbones import Fingerprint
+
         fp = Fingerprint(str(data["structure"]), str(data["weights"]), int(data["num_parameters"]))
         return cls(str(data["source"]), str(data["family"]), fp)
 

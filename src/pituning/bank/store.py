@@ -1,4 +1,4 @@
-"""The bank's store: the manifest and journal, listing, writing and reading experts (see :mod:`pituning.bank`).
+"""The bank's store: writing and reading experts over the catalog's manifest and journal (see :mod:`pituning.bank`).
 
 :class:`BankStore` is the base every other part of :class:`~pituning.bank.ExpertBank` builds on; it also holds the
 file helpers (sha256, tensor files, shape and finiteness checks) the other parts share.
@@ -20,21 +20,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from pituning._version import __version__
+from pituning.bank.catalog import DEAD, JOURNAL, MANIFEST, BankCatalog, _library
 from pituning.bank.format import (
     FILENAMES,
     SCHEMA_VERSION,
     check_meta,
     decode_line,
-    decode_manifest,
     encode_line,
-    encode_manifest,
 )
 from pituning.bank.records import BackboneIdentity, BankEntry, Expert, check_backbone
 from pituning.errors import BankCorruptionError, BankError, ConfigError, ExpertError
 from pituning.experts.base import config_from_dict, validate_name
 from pituning.model import ExpertModel
-from pituning.storage import Storage, open_storage
 from pituning.tasks import TaskInfo
 
 if TYPE_CHECKING:
@@ -42,20 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = ["COMPACT_EVERY", "DEAD", "JOURNAL", "MANIFEST", "BankStore"]
 
-MANIFEST = "manifest.json"
-JOURNAL = "journal.jsonl"
-DEAD = ".dead"  # marks an expert folder whose entry was removed or replaced, before the commit
-_TEMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # an atomic write's temporary file
 COMPACT_EVERY = 512
+_TEMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # an atomic write's temporary file
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _library() -> str:
-    return f"pituning {__version__}"
 
 
 def _sha256(data: bytes) -> str:
@@ -72,8 +62,9 @@ def _save_tensors(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> bytes:
     return bytes(save({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}))
 
 
-class BankStore:
-    """The storage core of :class:`~pituning.bank.ExpertBank`: manifest and journal, listing, writing, reading.
+class BankStore(BankCatalog):
+    """The storage core of :class:`~pituning.bank.ExpertBank`: writing and reading experts, over the catalog
+    (:class:`~pituning.bank.catalog.BankCatalog`: manifest and journal, listing).
 
     Args:
         location: a local directory or an fsspec URL (``memory://bank``, ``s3://bucket/bank``).
@@ -85,80 +76,12 @@ class BankStore:
     def __init__(self, location: str | Path, *, create: bool = True, dtype: torch.dtype = torch.float32) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"ExpertBank dtype must be torch.float32 or torch.bfloat16, got {dtype}.")
-        self.location = str(location)
         self.dtype = dtype
-        self.storage: Storage = open_storage(location)
-        self._entries: dict[str, dict[str, Any]] = {}
-        self._schema = SCHEMA_VERSION
-        self._manifest_token: Any = None
-        self._journal_offset = 0
-        self._journal_records = 0
-        self._journal_lines = 0
         self._similarity_cache: dict[str, _EmbeddingIndex] = {}
         self._wanted_memo: dict[tuple[Any, ...], builtins.list[tuple[str, str]]] = {}
-        if not self.storage.exists(MANIFEST):
-            if self.storage.exists(JOURNAL) or self.storage.listdir("experts"):
-                raise BankCorruptionError(
-                    f"{self.storage.describe(MANIFEST)} is missing but the bank holds experts; "
-                    "`pituning bank recover` rebuilds it from the expert folders."
-                )
-            if not create:
-                raise BankError(
-                    f"No expert bank at {self.location} (no {MANIFEST}): check the path; ExpertBank(path) or "
-                    "`pituning bank import-peft` creates one."
-                )
-            with self.storage.lock():
-                if not self.storage.exists(MANIFEST):
-                    self._write_manifest({})
+        super().__init__(location, create=create)
 
-    # ------------------------------------------------------------------ manifest and journal
-    def _write_manifest(self, entries: Mapping[str, Any]) -> None:
-        self.storage.write_atomic(MANIFEST, encode_manifest(entries, _library()))
-
-    def _refresh(self) -> dict[str, dict[str, Any]]:
-        """Current entries: manifest.json plus the journal, re-read only where it changed.
-
-        Raises:
-            BankCorruptionError: a damaged manifest or journal line (the message names the file and line).
-        """
-        token = self.storage.token(MANIFEST)
-        size = max(self.storage.size(JOURNAL), 0)
-        if token is None or token != self._manifest_token or size < self._journal_offset:
-            self._load_manifest(token)
-        if size > self._journal_offset:
-            data = self.storage.read_from(JOURNAL, self._journal_offset)
-            end = data.rfind(b"\n") + 1  # a line without its newline was never committed
-            try:
-                for line in data[:end].split(b"\n")[:-1]:
-                    self._journal_lines += 1
-                    if line.strip():
-                        self._apply(line)
-                        self._journal_records += 1
-            except BaseException:
-                self._manifest_token = None  # re-read from the start next time, never half-applied
-                raise
-            self._journal_offset += end
-        return self._entries
-
-    def _load_manifest(self, token: Any) -> None:
-        try:
-            data = self.storage.read(MANIFEST)
-        except FileNotFoundError as err:
-            raise BankError(f"{self.storage.describe(MANIFEST)} is missing; this is not an expert bank.") from err
-        self._entries, self._schema = decode_manifest(data, self.storage.describe(MANIFEST))
-        self._manifest_token = token
-        self._journal_offset = 0
-        self._journal_records = 0
-        self._journal_lines = 0
-
-    def _apply(self, line: bytes) -> None:
-        where = f"{self.storage.describe(JOURNAL)} line {self._journal_lines}"
-        record = decode_line(line, where, sealed=self._schema >= SCHEMA_VERSION)
-        if record["op"] == "add":
-            self._entries[record["entry"]["name"]] = record["entry"]
-        else:
-            self._entries.pop(record["name"], None)
-
+    # ------------------------------------------------------------------ journal writes
     def _append(self, ops: Sequence[Mapping[str, Any]]) -> None:
         """Append sealed records to the journal: the commit point. Lock held.
 
@@ -190,52 +113,6 @@ class BankStore:
         self.storage.write_atomic(JOURNAL, b"")
         self._manifest_token = None
         self._refresh()
-
-    # ------------------------------------------------------------------ listing
-    def __len__(self) -> int:
-        return len(self._refresh())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._refresh()
-
-    def names(self) -> builtins.list[str]:
-        """All expert names, sorted."""
-        return sorted(self._refresh())
-
-    def entry(self, name: str) -> BankEntry:
-        """The record of ``name``."""
-        record = self._refresh().get(name)
-        if record is None:
-            raise BankError(f"No expert {name!r} in the bank at {self.location}; `pituning bank list` shows them.")
-        return BankEntry.from_record(record)
-
-    def list(
-        self,
-        *,
-        modality: str | None = None,
-        backbone: str | None = None,
-        kind: str | None = None,
-        task: str | None = None,
-        has_embedding: bool | None = None,
-    ) -> builtins.list[BankEntry]:
-        """Entries that match every given filter, sorted by name.
-
-        ``backbone`` matches the source or the structure fingerprint (or a prefix of it).
-        """
-        out = []
-        for record in self._refresh().values():
-            if modality is not None and record["modality"] != modality:
-                continue
-            if kind is not None and record["kind"] != kind:
-                continue
-            if task is not None and record["task"] != task:
-                continue
-            if backbone is not None and record["backbone"] != backbone and not record["structure"].startswith(backbone):
-                continue
-            if has_embedding is not None and ("embedding" in record["files"]) != has_embedding:
-                continue
-            out.append(record)
-        return [BankEntry.from_record(r) for r in sorted(out, key=lambda r: r["name"])]
 
     # ------------------------------------------------------------------ writing
     def _stage(self, expert: Expert, dtype: torch.dtype) -> dict[str, Any]:
