@@ -95,3 +95,36 @@ def test_run_suite_checks_its_config_before_any_work(tmp_path: Path, field: str,
     with pytest.raises(ConfigError, match=message):  # the typed config refuses it when built, before any work
         SuiteConfig("no-such-backbone", "x.Y", sources, [], output=str(tmp_path / "run"), **{"k": 1, field: value})
     assert not (tmp_path / "run").exists()  # nothing written, no backbone loaded
+
+
+def test_every_input_is_checked_before_anything_trains(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path
+) -> None:
+    """A misspelt DataModule option, a missing target file, too many shots, a backbone that is no directory and an
+    output that is a file: every problem reported at once, before any model loads, and nothing written."""
+    from pituning.suite import run_suite
+    from tiny import tiny_suite
+
+    typo = tiny_suite(tiny_backbone, tasks, tmp_path / "run", data={"tokenizer": tiny_backbone, "max_lenght": 16})
+    with pytest.raises(ConfigError, match=r"data: unknown TextClassificationDataModule option\(s\) 'max_lenght' "
+                       r"\(did you mean 'max_length'\?\)"):  # fmt: skip
+        run_suite(SuiteConfig(**typo))
+    (tmp_path / "output_file").write_text("not a folder")
+    suite = tiny_suite(
+        tiny_backbone,
+        tasks,
+        tmp_path / "output_file",
+        shots=500,
+        targets=[{"name": "target", "dataset": tasks["target"]}, {"name": "gone", "dataset": str(tmp_path / "x.csv")}],
+    )
+    with pytest.raises(ConfigError) as err:
+        run_suite(SuiteConfig(**{**suite, "backbone": str(tmp_path / "no_such_model")}))
+    message = str(err.value)
+    assert "4 problem(s); nothing was trained" in message
+    assert (
+        "target target: Task 'target': class" in message and "fewer than shots_per_class=500 (what remains" in message
+    )
+    assert "target gone: Could not load dataset" in message
+    assert "backbone: No backbone directory at" in message
+    assert f"output: The output location {tmp_path / 'output_file'} is a file; pass a directory" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output_file"]  # nothing written

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; at run time 
         ConfigError,
         ExpertError,
         InterpolationError,
+        NonFiniteError,
         PiTuningError,
         UnsupportedExpertError,
     )
@@ -62,6 +63,7 @@ _LAZY = {
     "ConfigError": "pituning.errors",
     "ExpertError": "pituning.errors",
     "InterpolationError": "pituning.errors",
+    "NonFiniteError": "pituning.errors",
     "PiTuningError": "pituning.errors",
     "UnsupportedExpertError": "pituning.errors",
     "EXPERT_KINDS": "pituning.experts",
@@ -107,6 +109,7 @@ __all__ = [
     "InsertionPoint",
     "InterpolationError",
     "LoraConfig",
+    "NonFiniteError",
     "PiTuningError",
     "PrefixConfig",
     "UnsupportedExpertError",

@@ -723,6 +723,25 @@ def pretrained_path(name: str, what: str = "model", local_files_only: bool = Fal
     )
 
 
+def check_backbone_name(name: str) -> None:
+    """Check, without loading any weights, that the backbone ``name`` can load here: a ``dual:`` pair's two towers,
+    an EfficientNet-Lite's packages, a ``pkg:`` model's package, a local directory or a hub name (see
+    :func:`pretrained_path`). Raises :class:`BackboneError` naming the problem and the fix."""
+    import importlib.util
+
+    if name.startswith(_DUAL):
+        for tower in dual_specs(name):
+            check_backbone_name(tower)
+        return
+    if name.startswith("efficientnet-lite"):
+        if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+            raise BackboneError(
+                f"Backbone {name!r} needs efficientnet-lite-pytorch: pip install efficientnet-lite-pytorch."
+            )
+        return
+    pretrained_path(resolve_model_path(name), "backbone")
+
+
 def hub_load_error(name: str, what: str, err: Exception) -> str:
     """The message for a ``from_pretrained(name)`` that failed: both ways a name loads, and which one failed."""
     if Path(name).expanduser().exists():

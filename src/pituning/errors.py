@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "ExpertError",
     "InterpolationError",
+    "NonFiniteError",
     "PiTuningError",
     "UnsupportedExpertError",
 ]
@@ -37,6 +38,10 @@ class UnsupportedExpertError(BackboneError):
 
 class ExpertError(PiTuningError):
     """An expert is missing, duplicated, or its weights do not fit the model."""
+
+
+class NonFiniteError(ExpertError):
+    """Training or a task embedding met NaN or inf (the message names the task, the batch and the likely cause)."""
 
 
 class InterpolationError(ExpertError):

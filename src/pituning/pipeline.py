@@ -27,6 +27,7 @@ from pituning.report import ExpertQuality, expert_quality
 __all__ = [
     "ResumeCache",
     "TrainerFactory",
+    "check_inputs",
     "embed_task",
     "evaluate_quality",
     "fit_test",
@@ -151,6 +152,61 @@ def data_class(cfg: SuiteConfig) -> type:
 def make_datamodule(cfg: SuiteConfig, task: TaskSpec, **extra: Any) -> Any:
     """Task ``task``'s DataModule: the suite's shared ``data`` options, the task's own, then ``extra``."""
     return data_class(cfg)(dataset=task.dataset, task_name=task.name, **{**cfg.data, **task.options, **extra})
+
+
+def data_options(cls: type) -> list[str]:
+    """The keyword options a DataModule class takes: its own and those its ``**kwargs`` pass to its bases."""
+    import inspect
+
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()  # type: ignore[misc]
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
+
+
+def check_inputs(cfg: SuiteConfig) -> None:
+    """Check everything a suite reads and writes before anything loads or trains, and report every problem at once
+    (a :class:`ConfigError`): the DataModule options (a misspelt one with a suggestion), every task's data (it reads,
+    has its columns, two classes or more, enough examples for the shots after the validation and test splits), the
+    backbone (a local directory, a package, a cached or reachable hub name) and the output folder (writable)."""
+    from pituning.backbones import check_backbone_name
+    from pituning.config import did_you_mean
+    from pituning.errors import PiTuningError
+    from pituning.storage import check_writable
+
+    cls = data_class(cfg)
+    known = data_options(cls)
+    problems: list[str] = []
+    for where, options in [("data", cfg.data), *((f"task {t.name}", t.options) for t in [*cfg.sources, *cfg.targets])]:
+        bad = sorted(set(options) - set(known) - {"dataset", "task_name"})
+        if bad:
+            problems.append(f"{where}: unknown {cls.__name__} option(s) {did_you_mean(bad, known)}")
+    if problems:  # the DataModules below could not even be built
+        raise ConfigError("The suite's options have problems; nothing was run:\n  - " + "\n  - ".join(problems))
+    checks: list[tuple[str, TaskSpec, dict[str, Any]]] = [(f"source {t.name}", t, {}) for t in cfg.sources]
+    checks += [(f"target {t.name}", t, {"shots_per_class": cfg.shots, "seed": cfg.seeds[0]}) for t in cfg.targets]
+    for where, task, extra in checks:
+        try:
+            make_datamodule(cfg, task, **extra).setup("fit")
+        except PiTuningError as err:
+            problems.append(f"{where}: {err}")
+    for what, check in (
+        ("backbone", lambda: check_backbone_name(cfg.backbone)),
+        ("output", lambda: check_writable(cfg.output, "output")),
+    ):
+        try:
+            check()
+        except PiTuningError as err:
+            problems.append(f"{what}: {err}")
+    if problems:
+        raise ConfigError(
+            f"The suite's inputs have {len(problems)} problem(s); nothing was trained:\n  - " + "\n  - ".join(problems)
+        )
 
 
 def stage_kwargs(cfg: SuiteConfig) -> dict[str, Any]:

@@ -343,6 +343,29 @@ class FsspecStorage(Storage):
             yield
 
 
+def check_writable(location: str | Path, what: str = "bank") -> None:
+    """Check, creating nothing, that ``location`` can hold a directory this process writes: for a local path, that
+    it is no file nor under one and that its nearest existing folder is writable (a :class:`BankError` naming
+    ``what`` and the fix); an fsspec URL is only parsed."""
+    text = str(location)
+    if "://" in text and not text.startswith("file://"):
+        open_storage(text)
+        return
+    path = Path(text.removeprefix("file://")).expanduser().absolute()
+    for parent in (path, *path.parents):
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            where = "is a file" if parent == path else f"is under {parent}, which is a file"
+            raise BankError(f"The {what} location {text} {where}; pass a directory (a new one is created).")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise BankError(
+                f"The {what} location {text} cannot be written: {parent} is not writable by this user; pass a "
+                "directory you can write."
+            )
+        return
+
+
 def open_storage(location: str | Path) -> Storage:
     """Local storage for a path or ``file://`` URL, fsspec storage for any other URL."""
     text = str(location)

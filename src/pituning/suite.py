@@ -21,7 +21,7 @@ from pituning.errors import ConfigError, ExpertError
 from pituning.methods import check_methods
 from pituning.pipeline import (
     ResumeCache,
-    data_class,
+    check_inputs,
     evaluate_quality,
     make_probe,
     rank_zero,
@@ -91,13 +91,13 @@ def _library(cfg: SuiteConfig, bank: Any, say: Any) -> list[str]:
 
 
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
-    """Run the suite; returns (and writes to ``output``) the results. The config was checked when it was built; the
-    DataModule class is imported before anything loads."""
+    """Run the suite; returns (and writes to ``output``) the results. The config was checked when it was built; its
+    methods, data, backbone and output are checked (:func:`~pituning.pipeline.check_inputs`) before anything loads."""
     from pituning.bank import ExpertBank
     from pituning.graph import TaskGraph
 
-    data_class(cfg)
     check_methods(cfg)
+    check_inputs(cfg)  # every input, before anything loads or trains
     root, start = Path(cfg.output), time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     bank = ExpertBank(root / "bank")

@@ -229,3 +229,24 @@ def test_ctrl_c_says_how_to_resume(
     suite = tiny_suite(tiny_backbone, tasks, tmp_path / "run")
     assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_a_bank_path_that_is_a_file_stops_before_training(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from pituning.modules import ExpertTrainingModule
+
+    (tmp_path / "bank").write_text("a file")
+    steps: list[int] = []
+    train = ExpertTrainingModule.training_step
+    monkeypatch.setattr(ExpertTrainingModule, "training_step", lambda self, *a: steps.append(1) or train(self, *a))
+    config = {
+        "model": {"backbone": tiny_backbone, "expert": {"kind": "lora", "r": 4}, "expert_name": "close",
+                  "bank": str(tmp_path / "bank")},
+        "data": _data(tasks["close"], tiny_backbone, "close", max_train_examples=32),
+        "trainer": TRAINER,
+    }  # fmt: skip
+    assert main(["train-expert", "--config", _yaml(tmp_path / "close.yaml", config)]) == 2
+    assert f"pituning: error: The bank location {tmp_path / 'bank'} is a file" in capsys.readouterr().err
+    assert steps == []  # refused before the first training step

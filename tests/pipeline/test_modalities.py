@@ -263,3 +263,35 @@ def test_vision_pipeline_in_bf16(tmp_path: Path, tiny_efficientnet: None, settin
     fit.fit(module, target)
     assert len(module.selected) == 1
     assert 0.0 <= fit.test(module, target, verbose=False)[0]["test_acc"] <= 1.0
+
+
+def test_non_finite_inputs_and_losses_stop_training_naming_task_and_batch(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN pixels stop training (and the Fisher pass) with the task, batch and cause named; a diverged loss on finite
+    inputs says to lower the learning rate; nothing reaches the bank either way."""
+    from pituning.errors import NonFiniteError
+
+    clip = str(tiny_model_dir(tmp_path / "clip", "clip"))
+    images = np.random.default_rng(0).random((40, 16, 16, 3)).astype(np.float32)
+    images[5, 3, 3, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", images=images, labels=np.arange(40) % 2)
+    data = ImageClassificationDataModule(str(tmp_path / "nan.npz"), "nan_imgs", image_size=16, batch_size=40)
+    bank = str(tmp_path / "bank")
+    module = ExpertTrainingModule(clip, {"kind": "adapter", "bottleneck": 4}, "nan_imgs", bank)
+    with pytest.raises(NonFiniteError, match=r"task 'nan_imgs' at epoch 0, batch 0; the batch's inputs hold NaN"):
+        trainer(max_epochs=1).fit(module, data)
+    assert "nan_imgs" not in ExpertBank(bank)
+    np.savez(tmp_path / "clean.npz", images=np.nan_to_num(images), labels=np.arange(40) % 2)
+    clean = ImageClassificationDataModule(str(tmp_path / "clean.npz"), "nan_imgs", image_size=16, batch_size=40)
+    trainer(max_epochs=1).fit(ExpertTrainingModule(clip, {"kind": "adapter", "bottleneck": 4}, "nan_imgs", bank), clean)
+    with pytest.raises(NonFiniteError, match=r"Fisher embedding of task 'nan_imgs' met NaN or inf in batch 0"):
+        trainer(inference_mode=False).predict(TaskEmbeddingModule(clip, bank, "nan_imgs"), datamodule=data)
+    assert not ExpertBank(bank).entry("nan_imgs").has_embedding
+
+    text = text_data(tasks["close"], tiny_backbone, "close", max_train_examples=32)
+    diverged = ExpertTrainingModule(tiny_backbone, {"kind": "lora", "r": 2}, "close", bank)
+    monkeypatch.setattr(diverged, "_loss", lambda logits, labels: logits.sum() * float("inf"))
+    with pytest.raises(NonFiniteError, match=r"task 'close' .* inputs are finite, so training diverged: lower the"):
+        trainer(max_epochs=1).fit(diverged, text)
+    assert "close" not in ExpertBank(bank)

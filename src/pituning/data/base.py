@@ -296,7 +296,8 @@ class TaskDataModule(pl.LightningDataModule):
         if self.unseen_classes:
             self._hide_unseen(parts, index)
         if self.shots_per_class is not None:
-            parts["train"] = self._k_shot(parts["train"])
+            held = {split: len(part[1]) for split, part in parts.items() if split != "train"}
+            parts["train"] = self._k_shot(parts["train"], held)
             if self.holdout_shots:
                 parts["train"], parts["validation"] = self._hold_out(parts["train"])
         elif self.max_train_examples is not None:
@@ -326,7 +327,11 @@ class TaskDataModule(pl.LightningDataModule):
                 f"Task {self.task_name!r}: every class is in unseen_classes; leave at least one class to train on."
             )
 
-    def _k_shot(self, part: tuple[list[Any], list[int]]) -> tuple[list[Any], list[int]]:
+    def _k_shot(
+        self, part: tuple[list[Any], list[int]], held: Mapping[str, int] | None = None
+    ) -> tuple[list[Any], list[int]]:
+        """``shots_per_class`` examples of each class (seeded); ``held``: the sizes of the splits held out of the
+        training data, for the message when a class has too few."""
         assert self.shots_per_class is not None
         rng = random.Random(self.seed)
         by_class: dict[int, list[int]] = {}
@@ -336,9 +341,12 @@ class TaskDataModule(pl.LightningDataModule):
         for y in sorted(by_class):
             pool = by_class[y]
             if len(pool) < self.shots_per_class:
+                out = ", ".join(f"{n} for {split}" for split, n in sorted((held or {}).items()))
                 raise DataError(
                     f"Task {self.task_name!r}: class {self.label_names[y]!r} has {len(pool)} training examples, fewer "
-                    f"than shots_per_class={self.shots_per_class}; lower the shots or add data."
+                    f"than shots_per_class={self.shots_per_class}"
+                    + (f" (what remains after holding out {out})" if out else "")
+                    + "; lower the shots or add data."
                 )
             chosen += rng.sample(pool, self.shots_per_class)
         rng.shuffle(chosen)

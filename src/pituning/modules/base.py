@@ -8,12 +8,22 @@ import lightning.pytorch as pl
 import torch
 
 from pituning.backbones import load_backbone
+from pituning.errors import NonFiniteError
 from pituning.model import ExpertModel
 
-__all__ = ["BACKBONE_DTYPES", "StageModule"]
+__all__ = ["BACKBONE_DTYPES", "StageModule", "non_finite_inputs"]
 
 #: ``backbone_dtype`` option -> dtype of the frozen backbone (``None``: as stored).
 BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}
+
+
+def non_finite_inputs(batch: dict[str, Any]) -> list[str]:
+    """The floating-point tensors of ``batch`` that hold NaN or inf, by name."""
+    return sorted(
+        k
+        for k, v in batch.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
 
 
 class StageModule(pl.LightningModule):
@@ -36,3 +46,26 @@ class StageModule(pl.LightningModule):
         if hp.attn_implementation is not None:
             kwargs["attn_implementation"] = hp.attn_implementation
         return ExpertModel(load_backbone(hp.backbone, **kwargs))
+
+    def task_label(self) -> str:
+        """The task this stage runs on, for messages: the DataModule's task, else the expert's (or target's) name."""
+        datamodule = self.datamodule()
+        name = getattr(datamodule, "task_name", None) or self.hp.get("expert_name") or self.hp.get("target")
+        return str(name)
+
+    def refuse_non_finite(self, value: torch.Tensor, batch: dict[str, Any], batch_idx: int, what: str) -> None:
+        """Stop with a :class:`~pituning.errors.NonFiniteError` naming the task, epoch, batch and cause if ``value``
+        (a loss) is NaN or inf; nothing is stored, since the bank is written only at the end of a fit."""
+        if bool(torch.isfinite(value).all()):
+            return
+        bad = non_finite_inputs(batch)
+        cause = (
+            f"the batch's inputs hold NaN or inf ({', '.join(bad)}): clean the data"
+            if bad
+            else "the inputs are finite, so training diverged: lower the learning rate (optim.lr), or compute in "
+            "float32 instead of 16-bit (trainer.precision, backbone_dtype)"
+        )
+        raise NonFiniteError(
+            f"{what} is {float(value.detach().float().mean())} on task {self.task_label()!r} at epoch "
+            f"{self.current_epoch}, batch {batch_idx}; {cause}. Stopped before anything was stored."
+        )

@@ -7,10 +7,10 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from pituning.bank import ExpertBank
-from pituning.errors import ConfigError
+from pituning.errors import ConfigError, NonFiniteError
 from pituning.fisher import ESTIMATORS, FisherError, check_fisher, fisher_sum
 from pituning.heads import TaskModel
-from pituning.modules.base import StageModule
+from pituning.modules.base import StageModule, non_finite_inputs
 
 __all__ = ["FisherMetric", "TaskEmbeddingModule"]
 
@@ -116,6 +116,12 @@ class TaskEmbeddingModule(StageModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> int:
         assert self.task_model is not None and self.fisher is not None
+        bad = non_finite_inputs(batch)
+        if bad:
+            raise NonFiniteError(
+                f"The Fisher embedding of task {self.task_label()!r} met NaN or inf in batch {batch_idx}'s inputs "
+                f"({', '.join(bad)}): clean the data; nothing was stored."
+            )
         autocast = torch.bfloat16 if "bf16" in str(self.trainer.precision) else None
         result = fisher_sum(
             self.task_model,

@@ -143,6 +143,10 @@ class ExpertTrainingModule(StageModule):
         return [n for n, p in self.task_model.named_parameters() if p.requires_grad]
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.bank_location is not None:  # before training, not when storing at the end
+            from pituning.storage import check_writable
+
+            check_writable(self.bank_location)
         if self.task_model is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -213,6 +217,7 @@ class ExpertTrainingModule(StageModule):
         labels = batch["labels"]
         logits = self._train_logits(self(**{k: v for k, v in batch.items() if k != "labels"}))
         loss = self._loss(logits, labels)
+        self.refuse_non_finite(loss, batch, batch_idx, "The training loss")
         self.log("train_loss", loss, prog_bar=True, batch_size=labels.shape[0])
         if logits.dim() == 2:
             self.metrics["train_acc"](logits.argmax(-1), labels)
