@@ -378,6 +378,9 @@ def _run_stage(stage: str, args: list[str]) -> int:
 
     from lightning.pytorch.cli import LightningCLI
 
+    from pituning.pipeline import quiet
+
+    quiet(offline=False)  # no accelerator lines, tips or progress bars of the libraries: the stage's own output
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # ``args`` is this command's own argv (after the stage name), never a mix with sys.argv
     warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
@@ -408,9 +411,13 @@ def _run_stage(stage: str, args: list[str]) -> int:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if stage == "embed":
         trainer.predict(model, datamodule=data)
+        if trainer.is_global_zero:
+            print(f"stored the task embedding of {model.hp.expert_name} ({model.examples} examples) in {model.hp.bank}")
         return 0
     if stage in ("train-expert", "interpolate"):
         trainer.fit(model, data)
+        if trainer.is_global_zero and model.stored is not None:
+            print(f"stored {model.stored.name} in {model.bank_location}")
     trainer.test(model, data)
     return 0
 
@@ -455,7 +462,10 @@ def _run_export(opts: Namespace) -> int:
 
 
 def _run_suite(opts: Namespace) -> int:
+    from pituning.pipeline import quiet
     from pituning.suite import run_suite
+
+    quiet(offline=False)  # the suite's progress lines, not the libraries'
 
     values = {k: v for k, v in vars(opts).items() if k != "config" and not k.startswith("__")}
     run_suite(SuiteConfig(**values))  # checks every field before anything loads

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pituning.errors import ConfigError, PiTuningError
 
@@ -110,11 +112,19 @@ def fisher_sum(
     was_training = module.training
     module.eval()  # dropout off: the Fisher of the trained expert, deterministic
 
-    def ctx() -> contextlib.AbstractContextManager[object]:
+    def ctx() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
         if autocast_dtype is None:
-            return contextlib.nullcontext()
-        device = next(iter(detached.values())).device.type
-        return torch.autocast(device_type=device, dtype=autocast_dtype)
+            # attention through the math kernel, in every estimator alike: the fused kernels have no batching rule
+            # (under vmap they fall back to a slow loop, warning "Please file us an issue"), and on CPU in float64
+            # the fused kernel's results differ from the math kernel's and from float32's
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        else:  # the math kernel's backward fails under autocast (mixed dtypes): the fused one, its fallback silenced
+            device = next(iter(detached.values())).device.type
+            stack.enter_context(torch.autocast(device_type=device, dtype=autocast_dtype))
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", ".*have not yet implemented the batching rule.*", UserWarning)
+        return stack
 
     def loglik(values: dict[str, Tensor], inputs: Mapping[str, Tensor], labels: Tensor) -> Tensor:
         with ctx():

@@ -552,16 +552,19 @@ def make_probe(
     return name
 
 
-def quiet() -> None:
-    """Keep a script's output to its own progress lines: no Hugging Face hub calls or progress bars, Lightning's and
-    transformers' logs at error level, and no warnings about what is meant (few workers, eval-mode backbones).
+def quiet(*, offline: bool = True) -> None:
+    """Keep a script's output to its own progress lines: no Hugging Face progress bars, Lightning's and transformers'
+    logs at error level (no accelerator lines, no tips), and no warnings about what is meant (few workers, eval-mode
+    backbones, a logging interval longer than a tiny epoch). ``offline``: never call the Hugging Face hub (scripts
+    whose models are all local; the ``pituning`` command leaves it to :func:`~pituning.backbones.pretrained_path`).
 
     Imports Lightning, transformers and datasets.
     """
     import os
     import warnings
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on the Hugging Face hub
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on the Hugging Face hub
     import datasets
     import lightning.pytorch  # noqa: F401  (sets its loggers' level on import: import first, then quieten)
     import transformers
@@ -574,6 +577,7 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*batching rule.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a deprecation inside Lightning
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # few-shot epochs are short
     # ExpertModel keeps a frozen backbone's batch norms in eval mode on purpose (their statistics are backbone
     # state); Lightning warns about any module in eval mode at the start of training
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")

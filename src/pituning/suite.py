@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,8 +43,6 @@ __all__ = [
     "run_suite",
 ]
 
-log = logging.getLogger(__name__)
-
 
 def _usable(cfg: SuiteConfig, quality: dict[str, dict[str, Any]], say: Any) -> list[str]:
     """The candidate sources after the collapsed-source policy (warn, exclude or stop)."""
@@ -62,8 +59,6 @@ def _usable(cfg: SuiteConfig, quality: dict[str, dict[str, Any]], say: Any) -> l
                 "collapsed_sources: warn or exclude."
             )
         say(f"WARNING {message}" + ("; left out of the candidates" if cfg.collapsed_sources == "exclude" else ""))
-        if rank_zero():
-            log.warning(message)
     return [n for n in quality if not (cfg.collapsed_sources == "exclude" and quality[n]["collapsed"])]
 
 
@@ -90,6 +85,28 @@ def _library(cfg: SuiteConfig, bank: Any, say: Any) -> list[str]:
     return names
 
 
+def _each(items: list[Any], stage: str, say: Any, run: Any) -> list[Any]:
+    """``run`` over ``items``, saying after each how many are done and about how long the rest will take (the mean
+    time so far per item, cached ones included)."""
+    out, begun = [], time.perf_counter()
+    for i, item in enumerate(items):
+        out.append(run(item))
+        left = len(items) - i - 1
+        if left:
+            eta = (time.perf_counter() - begun) / (i + 1) * left
+            say(f"{stage}: {i + 1} of {len(items)} done, about {_duration(eta)} left")
+    return out
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``2 h 05 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     """Run the suite; returns (and writes to ``output``) the results. The config was checked when it was built; its
     methods, data, backbone and output are checked (:func:`~pituning.pipeline.check_inputs`) before anything loads."""
@@ -112,7 +129,13 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
         else cfg.probe
     )
     sources_cache, runs_cache = ResumeCache(root / "sources.json"), ResumeCache(root / "runs.json")
-    done = {t.name: train_source(cfg, root, t, probe, sources_cache, say) for t in cfg.sources}
+    done = dict(
+        zip(
+            [t.name for t in cfg.sources],
+            _each(cfg.sources, "sources", say, lambda t: train_source(cfg, root, t, probe, sources_cache, say)),
+            strict=True,
+        )
+    )
     quality = {name: result["quality"] for name, result in done.items()}
     candidates = _usable(cfg, quality, say) + _library(cfg, bank, say)
     if cfg.k > len(candidates):
@@ -120,11 +143,12 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             f"k={cfg.k} but only {len(candidates)} source(s) are usable (collapsed ones excluded, library included); "
             "lower k or train the sources longer."
         )
-    rows = [
-        run_target(cfg, root, task, seed, candidates, probe, runs_cache, say, sources_cache.data)
-        for task in cfg.targets
-        for seed in cfg.seeds
-    ]
+    rows = _each(
+        [(task, seed) for task in cfg.targets for seed in cfg.seeds],
+        "targets x seeds",
+        say,
+        lambda pair: run_target(cfg, root, pair[0], pair[1], candidates, probe, runs_cache, say, sources_cache.data),
+    )
     names = [t.name for t in cfg.sources] + [f"{t.name}_s{s}" for t in cfg.targets for s in cfg.seeds]
     graph = TaskGraph.from_bank(bank, names)
     if not rank_zero():  # the other ranks are done: rank zero writes the graph and the results

@@ -91,6 +91,31 @@ def test_a_file_in_another_encoding_is_named_and_read_with_the_encoding_option(
         text_data(str(path), tiny_backbone, "latin", encoding="latin-99").setup()
 
 
+def test_integer_labels_take_names_and_mixed_label_types_are_refused(tiny_backbone: str, tmp_path: Path) -> None:
+    rows = [{"text": f"w{i % 2} w3", "label": i % 2} for i in range(40)]
+    named = text_data(_write(tmp_path / "ints.jsonl", rows), tiny_backbone, "ints", label_names=["neg", "pos"])
+    named.setup()
+    assert named.label_names == ["neg", "pos"] and named.task_info().label_names == ["neg", "pos"]
+    records, labels = named.splits["train"]
+    assert all(lab == int(rec.split()[0][1:]) for rec, lab in zip(records, labels, strict=True))  # 0 -> neg, 1 -> pos
+    with pytest.raises(DataError, match=r"integer labels \[1\] have no name in label_names \['only'\]"):
+        text_data(_write(tmp_path / "ints.jsonl", rows), tiny_backbone, "ints", label_names=["only"]).setup()
+    mixed = [{"text": "w1", "label": "1"}, {"text": "w2", "label": 1}, {"text": "w3", "label": 0}] * 10
+    with pytest.raises(DataError, match=r"mix types \(strings and numbers, such as \"1\" and 1, which would be read"):
+        text_data(_write(tmp_path / "mixed.jsonl", mixed), tiny_backbone, "mixed").setup()
+
+
+def test_a_datamodule_whose_read_mixes_label_types_is_refused() -> None:
+    from pituning.data import TaskDataModule
+
+    class Mixed(TaskDataModule):
+        def read(self) -> dict[str, tuple[list[object], list[object]]]:
+            return {"train": (list(range(30)), ["1", 1, 0] * 10)}
+
+    with pytest.raises(DataError, match=r"the labels mix strings and numbers \('1' and 1, which would be read as one"):
+        Mixed(task_name="mixed").setup()
+
+
 def test_a_header_without_rows_is_named(tiny_backbone: str, tmp_path: Path) -> None:
     (tmp_path / "header.csv").write_text("text,label\n")
     with pytest.raises(DataError, match=r"hold no examples \(a header alone\?\); add rows") as err:

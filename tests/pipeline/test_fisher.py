@@ -124,3 +124,16 @@ def test_unusable_fisher_is_an_error() -> None:
     assert check_fisher({"a": torch.zeros(3), "b": torch.ones(2)}) == ["a"]
     with pytest.raises(FisherError, match="saw no examples"):
         fisher_sum(torch.nn.Linear(2, 2), dict(torch.nn.Linear(2, 2).named_parameters()), []).mean()
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_per_sample_fisher_runs_batched_without_torch_warnings(kind: str) -> None:
+    """The per-sample pass batches attention under vmap (math kernel): no per-example fallback, so no "Please file
+    us an issue" warning from torch."""
+    import warnings
+
+    model, params, batch = _task("bert", CONFIGS[kind])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fisher_sum(model, params, [batch])
+    assert not [w for w in caught if "batching rule" in str(w.message)]

