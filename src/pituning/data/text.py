@@ -82,7 +82,7 @@ class TextClassificationDataModule(TaskDataModule):
             if type(feature).__name__ == "Json":  # datasets' type for a JSON column of mixed types ("1" and 1)
                 raise DataError(
                     f"Task {self.task_name!r}: the labels in column {self.label_column!r} mix types (strings and "
-                    "numbers, such as \"1\" and 1, which would be read as one class); give the label column one type "
+                    'numbers, such as "1" and 1, which would be read as one class); give the label column one type '
                     "in every row."
                 )
             names = getattr(feature, "names", None)
