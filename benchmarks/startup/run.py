@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from pituning.bank import BankCatalog
     from pituning.report import machine
 
-    load_start = os.getloadavg()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         BankCatalog(Path(tmp) / "bank")  # an empty bank (creating it needs no torch either)
         rows = []
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/startup/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
+        "load_average_start": load_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "repeats": args.repeats,
         "rows": rows,
     }
