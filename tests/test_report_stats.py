@@ -52,3 +52,32 @@ def test_paired_statistics_in_points() -> None:
     d = paired_statistics([0.75, 0.625, 0.5], [0.5, 0.5, 0.5])
     assert d["mean"] == pytest.approx(12.5) and d["n"] == 3 and d["wins"] == 2
     assert d["ci_low"] <= d["mean"] <= d["ci_high"] and 0.0 < d["p"] <= 1.0 and d["level"] == 0.95
+
+
+def test_the_quality_benchmarks_spearman_matches_scipy_with_ties() -> None:
+    """benchmarks/quality/run.py ranks predictors by torchmetrics' Spearman: tie-averaged ranks, as SciPy's; a
+    constant side is no measured correlation (nan)."""
+    import importlib.util
+    import math
+    import sys
+    from pathlib import Path
+
+    stats = pytest.importorskip("scipy.stats")
+    spec = importlib.util.spec_from_file_location(
+        "quality_run", Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
+    )
+    assert spec is not None and spec.loader is not None
+    quality = importlib.util.module_from_spec(spec)
+    sys.modules["quality_run"] = quality  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(quality)
+    finally:
+        del sys.modules["quality_run"]
+    rng = random.Random(1)
+    for _ in range(100):
+        n = rng.randint(3, 10)
+        x = [rng.choice([0.1, 0.2, rng.random()]) for _ in range(n)]
+        y = [rng.choice([0.5, rng.random()]) for _ in range(n)]
+        if len(set(x)) > 1 and len(set(y)) > 1:
+            assert quality.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-5)
+    assert math.isnan(quality.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))

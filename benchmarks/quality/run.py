@@ -736,27 +736,15 @@ def report(
     return summary
 
 
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for m in range(i, j + 1):
-            ranks[order[m]] = (i + j) / 2.0  # ties share their mean rank
-        i = j + 1
-    return ranks
-
-
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (Pearson correlation of the tie-averaged ranks)."""
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else float("nan")
+    """Spearman's rank correlation (ties share their mean rank), torchmetrics' in float64; ``nan`` when either side
+    is constant (torchmetrics would say 0, which is no correlation measured)."""
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearman_corrcoef(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)))
 
 
 def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path) -> dict[str, Any]:

@@ -251,7 +251,9 @@ class ExpertTrainingModule(StageModule):
         return [g for g in groups if g["params"]]
 
     def lr_factor(self, group: dict[str, Any], step: int, *, total: int) -> float:
-        """Linear warm-up then linear decay to zero."""
+        """Linear warm-up then linear decay to zero: transformers' ``get_linear_schedule_with_warmup``, except that the
+        first step trains at ``lr / warmup`` where transformers' trains at 0 (a wasted step); kept as it is so that
+        results stay identical, and per parameter group (experts, head, interpolation logits)."""
         warmup = int(self.optim.warmup_ratio * total)
         if step < warmup:
             return (step + 1) / warmup
