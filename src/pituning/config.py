@@ -323,6 +323,9 @@ class SuiteConfig:
     """Lightning precision (``bf16-mixed`` ...)."""
     accelerator: str = "auto"
     """Lightning accelerator."""
+    progress_bar: bool = False
+    """Lightning's progress bar in every fit, test and Fisher pass. Off by default: the suite prints one line per
+    stage, with how many are done and the time left."""
     methods: list[str] = field(default_factory=lambda: ["best_source_init", "uniform_average"])
     """Other ways of reusing the sources, run beside the target expert alone and π-Tuning on the same shots and
     epochs and reported side by side: ``best_source_init``, ``uniform_average``, the merges (``task_arithmetic``,

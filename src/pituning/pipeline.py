@@ -123,19 +123,20 @@ def _loggers(root: Path, name: str) -> list[Any]:
 
 
 def make_trainer(cfg: SuiteConfig, root: str | Path, name: str, **kwargs: Any) -> Any:
-    """A Lightning ``Trainer`` with the suite's accelerator, devices and precision, logging to ``root/logs/name``
-    (no checkpoints: every stage ends in a bank entry)."""
+    """A Lightning ``Trainer`` with the suite's accelerator, devices, precision and progress bar, logging to
+    ``root/logs/name`` (no checkpoints: every stage ends in a bank entry); ``kwargs`` override any setting."""
     import lightning.pytorch as pl
 
-    return pl.Trainer(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,  # type: ignore[arg-type]
-        logger=_loggers(Path(root), name),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    options: dict[str, Any] = {
+        "accelerator": cfg.accelerator,
+        "devices": cfg.devices,
+        "precision": cfg.precision,
+        "logger": _loggers(Path(root), name),
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": cfg.progress_bar,
+    }
+    return pl.Trainer(**{**options, **kwargs})
 
 
 def data_class(cfg: SuiteConfig) -> type:

@@ -109,7 +109,12 @@ def test_run_suite(
     for q in results["sources"].values():
         assert 0.0 <= q["acc"] <= 1.0 and q["true_majority_share"] >= 1 / 3 and isinstance(q["collapsed"], bool)
     assert "| source | accuracy |" in (tmp_path / "run" / "results.md").read_text()
-    assert "done: bank, graph and results in" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "done: bank, graph and results in" in printed.out
+    # one line per stage, with the time left; none of the libraries' lines (progress bars, accelerators, tips)
+    assert "sources: 1 of 2 done, about" in printed.out
+    for noise in ("Epoch 0", "GPU available", "Tip:", "Loading weights", "Generating train split"):
+        assert noise not in printed.out + printed.err, noise
     # a second run reuses the sources trained from the same recipe, their check, and the targets measured already
     assert main(["run", "--config", str(tmp_path / "suite.yaml")]) == 0
     out = capsys.readouterr().out
