@@ -472,6 +472,32 @@ def _run_suite(opts: Namespace) -> int:
     return 0
 
 
+def _check_suite_keys(args: list[str]) -> None:
+    """A suite YAML's unknown top-level keys, named with a "did you mean" before the parser's plainer error."""
+    import dataclasses
+
+    import yaml
+
+    from pituning.config import did_you_mean
+
+    known = [f.name for f in dataclasses.fields(SuiteConfig)]
+    for i, arg in enumerate(args):
+        key, equals, value = arg.partition("=")
+        if key not in ("--config", "-c") or not (equals or i + 1 < len(args)):
+            continue
+        path = value if equals else args[i + 1]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                config = yaml.safe_load(handle)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # the parser names the problem
+        unknown = sorted(set(config) - set(known)) if isinstance(config, dict) else []
+        if unknown:
+            raise ConfigError(
+                f"Unknown suite option(s) {did_you_mean(unknown, known)} in {path}; `pituning run --help` lists them."
+            )
+
+
 def _interrupted() -> int:
     print("\npituning: interrupted; run the same command again to resume", file=sys.stderr)
     return 130
@@ -483,6 +509,8 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in STAGES:
             return _run_stage(argv[0], argv[1:])  # before build_parser: a stage's options are its LightningCLI's
+        if argv and argv[0] == "run":
+            _check_suite_keys(argv[1:])
         parser = build_parser()
         cfg = parser.parse_args(argv)
         if cfg.command == "bank":

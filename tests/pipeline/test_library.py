@@ -50,19 +50,26 @@ def library(tiny_backbone: str, tmp_path_factory: pytest.TempPathFactory) -> str
     return str(root / "library")
 
 
+def _library_suite(backbone: str, tasks: dict[str, str], output: Path, library: str, **fields: object) -> dict:
+    """The tiny suite with no sources of its own: the library's experts (LoRA on query and value) ranked on the
+    target's shots."""
+    expert = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": [r".*\.(query|value)"]}
+    return tiny_suite(
+        backbone, tasks, output, sources=[], library=library, expert=expert,
+        interpolation={"predictor": "few_shot_loss"}, **fields,
+    )  # fmt: skip
+
+
 def test_every_method_runs_on_a_library_of_imported_adapters(
     tiny_backbone: str, tasks: dict[str, str], library: str, tmp_path: Path
 ) -> None:
     names = [e.name for e in ExpertBank(library).list()]
     assert len(names) == ZOO and all(ExpertBank(library).get(n).head is None for n in names)  # no data, no head
-    suite = tiny_suite(
+    suite = _library_suite(
         tiny_backbone,
         tasks,
         tmp_path / "run",
-        sources=[],
-        library=library,
-        expert={"kind": "lora", "r": 4, "alpha": 8, "target_modules": [r".*\.(query|value)"]},
-        interpolation={"predictor": "few_shot_loss"},
+        library,
         methods=list(METHODS),
         method_options={"lorahub": {"budget": 4}},
     )
@@ -93,15 +100,7 @@ def test_one_method_on_one_target_from_the_command_line(
 
     from pituning.cli import main
 
-    suite = tiny_suite(
-        tiny_backbone,
-        tasks,
-        tmp_path / "run",
-        sources=[],
-        library=library,
-        expert={"kind": "lora", "r": 4, "alpha": 8, "target_modules": [r".*\.(query|value)"]},
-        interpolation={"predictor": "few_shot_loss"},
-    )
+    suite = _library_suite(tiny_backbone, tasks, tmp_path / "run", library)
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
     argv = ["run", "--config", str(tmp_path / "suite.yaml"), "--methods", "[ties]"]
     assert main([*argv, "--method_options", "{ties: {density: 0.5, finetune: false}}"]) == 0

@@ -1,4 +1,5 @@
-"""The stages' flat model options (the spelling before the typed configs) still work, each move announced."""
+"""Command-line option spelling: the stages' flat model options (the spelling before the typed configs) still work, each
+move announced; unknown suite keys get a suggestion; printed configs keep what they need."""
 
 from __future__ import annotations
 
@@ -53,3 +54,26 @@ def test_an_option_given_both_ways_is_refused(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"model": {"lr": 0.01, "optim": {"lr": 0.02}}}))
     with pytest.raises(ConfigError, match=r"model.lr is given twice.*keep one"):
         _fold_flat_stage_options("train-expert", ["--config", str(path)])
+
+
+def test_an_unknown_suite_key_gets_a_suggestion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pituning.cli import main
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({"backbone": "b", "data_class": "x.Y", "sourcse": [], "targets": []}))
+    assert main(["run", "--config", str(path)]) == 2
+    assert "Unknown suite option(s) 'sourcse' (did you mean 'sources'?)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.yaml"]
+
+
+def test_print_config_skip_default_keeps_the_expert_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--print_config=skip_default`` prints a config that still says which expert kind it trains."""
+    from pituning.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit):
+        main(
+            ["train-expert", "--config", str(root / "configs/stages/train_expert.yaml"), "--print_config=skip_default"]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["expert"]["kind"] == "lora"
