@@ -165,3 +165,22 @@ def test_fit_with_bare_dataloaders(tiny_backbone: str, tasks: dict[str, str], tm
     trainer(max_epochs=1).fit(module, train_dataloaders=data.train_dataloader())
     stored = ExpertBank(str(tmp_path / "bank")).get("bare")
     assert stored.task.name == "bare" and stored.head is not None
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_the_fisher_pass_progress_bar_says_fisher(
+    bar: str, tiny_backbone: str, tasks: dict[str, str], tmp_path: Path
+) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    bank = str(tmp_path / "bank")
+    data = text_data(tasks["close"], tiny_backbone, "close", max_train_examples=32)
+    trainer(max_epochs=1).fit(ExpertTrainingModule(tiny_backbone, EXPERT, "close", bank, lr=1e-2), data)
+    progress = TQDMProgressBar() if bar == "tqdm" else RichProgressBar()
+    pl.Trainer(accelerator="cpu", logger=False, inference_mode=False, callbacks=[progress]).predict(
+        TaskEmbeddingModule(tiny_backbone, bank, "close"), datamodule=data
+    )
+    if bar == "tqdm":
+        assert progress._predict_progress_bar is not None and progress._predict_progress_bar.desc.startswith("Fisher")
+    else:
+        assert progress.progress is not None and [t.description for t in progress.progress.tasks] == ["Fisher"]

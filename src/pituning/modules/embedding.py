@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -113,6 +115,20 @@ class TaskEmbeddingModule(StageModule):
         self.keys = [n[len(prefix) : -len(".embedded")] for n in self.params]
         self.fisher = FisherMetric(sum(p.numel() for p in self.params.values()))
         self._generator = torch.Generator().manual_seed(hp.sampling_seed)
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Name the progress bar "Fisher" (Lightning's says "Predicting"): the progress bar made its task for this
+        dataloader in its own hook, which runs first."""
+        if batch_idx != 0:
+            return
+        bar = self.trainer.progress_bar_callback
+        task = getattr(bar, "predict_progress_bar_id", None)  # RichProgressBar
+        if task is not None and getattr(bar, "progress", None) is not None:
+            bar.progress.update(task, description="Fisher")  # type: ignore[union-attr]
+            return
+        tqdm = getattr(bar, "_predict_progress_bar", None)  # TQDMProgressBar
+        if tqdm is not None:
+            tqdm.set_description("Fisher")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> int:
         assert self.task_model is not None and self.fisher is not None
