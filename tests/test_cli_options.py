@@ -30,7 +30,8 @@ def test_interpolation_options_fold_only_for_the_interpolate_stage(tmp_path: Pat
     path.write_text(yaml.safe_dump({"model": {"mode": "weights_only", "logits_lr": 0.1}}))
     folded = yaml.safe_load(_fold_flat_stage_options("interpolate", ["-c", str(path)])[1])
     assert folded["model"] == {"interpolation": {"mode": "weights_only", "logits_lr": 0.1}}
-    assert _fold_flat_stage_options("train-expert", ["-c", str(path)]) == ["-c", str(path)]  # not its options
+    with pytest.raises(ConfigError, match=r"Unknown model option\(s\) 'logits_lr', 'mode'"):  # not train-expert's
+        _fold_flat_stage_options("train-expert", ["-c", str(path)])
 
 
 @pytest.mark.parametrize("args", [["--model.lr=0.5"], ["--model.lr", "0.5"]])
@@ -77,3 +78,32 @@ def test_print_config_skip_default_keeps_the_expert_kind(capsys: pytest.CaptureF
         )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["expert"]["kind"] == "lora"
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "message"),
+    [
+        (
+            "data",
+            {"max_lenght": 32},
+            r"Unknown data.init_args option\(s\) 'max_lenght' \(did you mean 'max_length'\?\)",
+        ),
+        ("optim", {"lrr": 0.1}, r"Unknown model.optim option\(s\) 'lrr' \(did you mean 'lr'\?\)"),
+        ("model", {"expert_nme": "x"}, r"Unknown model option\(s\) 'expert_nme' \(did you mean 'expert_name'\?\)"),
+    ],
+)
+def test_a_misspelt_stage_option_gets_a_suggestion(
+    section: str, change: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from pituning.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "configs/stages/train_expert.yaml").read_text())
+    where = {"data": config["data"]["init_args"], "optim": config["model"]["optim"], "model": config["model"]}
+    where[section].update(change)
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train-expert", "--config", str(path)]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -366,10 +366,54 @@ def _fold_flat_stage_options(stage: str, args: list[str]) -> list[str]:
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             config = None  # not a readable YAML file (or a YAML string): LightningCLI reads it or names the problem
         folded = fold(config)
+        _check_stage_keys(stage, folded, value)
         out += [key, value if folded is config else yaml.safe_dump(folded, sort_keys=False)]
     for move in moved:
         print(f"pituning {stage}: {move} (the flat spelling is deprecated and will be removed)", file=sys.stderr)
     return out
+
+
+def _check_stage_keys(stage: str, config: Any, path: str) -> None:
+    """A stage YAML's misspelt keys (``model:``, its ``optim:`` / ``interpolation:``, the DataModule's ``init_args:``)
+    named with a "did you mean", before LightningCLI's plainer error."""
+    if not isinstance(config, dict):
+        return
+    import dataclasses
+    import importlib
+
+    from pituning.config import InterpolationConfig, OptimConfig, did_you_mean
+    from pituning.pipeline import data_options
+
+    module = importlib.import_module("pituning.modules")
+    model_class = getattr(module, _STAGE_MODULES[stage])
+    checks: list[tuple[str, Any, list[str]]] = []
+    model = config.get("model")
+    if isinstance(model, dict):
+        checks.append(("model", model, data_options(model_class)))
+        for name, cls in (("optim", OptimConfig), ("interpolation", InterpolationConfig)):
+            if isinstance(model.get(name), dict):
+                checks.append((f"model.{name}", model[name], [f.name for f in dataclasses.fields(cls)]))
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict) and isinstance(data.get("class_path"), str):
+        module_name, _, class_name = data["class_path"].rpartition(".")
+        try:
+            data_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError):
+            data_class = None  # LightningCLI names the class path
+        if isinstance(data_class, type):
+            checks.append(("data.init_args", data["init_args"], data_options(data_class)))
+    for where, given, known in checks:
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ConfigError(f"Unknown {where} option(s) {did_you_mean(unknown, known)} in {path}.")
+
+
+_STAGE_MODULES = {
+    "train-expert": "ExpertTrainingModule",
+    "embed": "TaskEmbeddingModule",
+    "interpolate": "InterpolationModule",
+    "evaluate": "ExpertTrainingModule",
+}
 
 
 def _run_stage(stage: str, args: list[str]) -> int:
@@ -389,11 +433,10 @@ def _run_stage(stage: str, args: list[str]) -> int:
     from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
 
     model_class = {
-        "train-expert": ExpertTrainingModule,
-        "embed": TaskEmbeddingModule,
-        "interpolate": InterpolationModule,
-        "evaluate": ExpertTrainingModule,
-    }[stage]
+        "ExpertTrainingModule": ExpertTrainingModule,
+        "TaskEmbeddingModule": TaskEmbeddingModule,
+        "InterpolationModule": InterpolationModule,
+    }[_STAGE_MODULES[stage]]
     defaults: dict[str, Any] = {"enable_checkpointing": False}
     if stage == "embed":
         defaults["inference_mode"] = False

@@ -156,7 +156,8 @@ def make_datamodule(cfg: SuiteConfig, task: TaskSpec, **extra: Any) -> Any:
 
 
 def data_options(cls: type) -> list[str]:
-    """The keyword options a DataModule class takes: its own and those its ``**kwargs`` pass to its bases."""
+    """The keyword options a class takes (a DataModule, a stage module): its own and those its ``**kwargs`` pass to
+    its bases."""
     import inspect
 
     names: list[str] = []
