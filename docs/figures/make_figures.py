@@ -158,7 +158,7 @@ def task_graph(out: Path) -> None:
             bank.add(expert)
         target = out / "task_graph"
         shutil.rmtree(target, ignore_errors=True)
-        main(["graph", "--bank", str(Path(tmp) / "bank"), "--out", str(target), "--k", "2"])
+        main(["graph", "--bank", str(Path(tmp) / "bank"), "--out", str(target), "--neighbours", "2"])
         for extra in ("graph.json", "graph.csv"):  # only the plots go into the docs
             (target / extra).unlink()
 

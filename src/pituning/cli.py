@@ -62,7 +62,8 @@ def build_parser() -> ArgumentParser:
     graph.add_argument("--out", required=True, help="Output folder.")
     graph.add_argument("--names", type=list[str] | None, default=None, help="Tasks (default: all embedded).")
     graph.add_argument("--rescale", default="unit_mean", help="Fisher rescaling: unit_mean or none.")
-    graph.add_argument("--k", type=int, default=2, help="Neighbours drawn per task in graph.png.")
+    graph.add_argument("--neighbours", type=int, default=2, help="Nearest tasks printed and drawn per task.")
+    graph.add_argument("--k", type=int | None, default=None, help="Deprecated spelling of --neighbours.")
     graph.add_argument("--no-plot", action="store_true", help="Skip the PNG plots.")
     commands.add_subcommand("graph", graph, help="Build the task graph.")
 
@@ -469,12 +470,16 @@ def _run_graph(opts: Namespace) -> int:
     from pituning.bank import ExpertBank
     from pituning.graph import TaskGraph
 
+    neighbours = opts.neighbours
+    if opts.k is not None:  # k names the number of sources everywhere else
+        print("pituning graph: --k is deprecated and will be removed; use --neighbours", file=sys.stderr)
+        neighbours = opts.k
     graph = TaskGraph.from_bank(ExpertBank(opts.bank, create=False), opts.names, rescale=opts.rescale)
     files = graph.save(opts.out)
     if not opts.no_plot:
-        files.update(graph.plot(opts.out, k=opts.k))
+        files.update(graph.plot(opts.out, k=neighbours))
     for name in graph.names:
-        print(f"{name}: " + ", ".join(f"{n} {s:.3f}" for n, s in graph.top_k(name, opts.k)))
+        print(f"{name}: " + ", ".join(f"{n} {s:.3f}" for n, s in graph.top_k(name, neighbours)))
     for kind, path in files.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -29,7 +29,9 @@ def _data(dataset: str, backbone: str, name: str, **extra: object) -> dict:
 TRAINER = {"max_epochs": 2, "accelerator": "cpu", "logger": False, "enable_progress_bar": False}
 
 
-def test_stages_from_yaml(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
+def test_stages_from_yaml(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bank = str(tmp_path / "bank")
     for name in ("close", "far1"):
         config = {
@@ -66,8 +68,10 @@ def test_stages_from_yaml(tiny_backbone: str, tasks: dict[str, str], tmp_path: P
         "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
     }
     assert main(["evaluate", "--config", _yaml(tmp_path / "eval.yaml", evaluate)]) == 0
-    assert main(["graph", "--bank", bank, "--out", str(tmp_path / "graph")]) == 0
+    assert main(["graph", "--bank", bank, "--out", str(tmp_path / "graph"), "--neighbours", "1"]) == 0
     assert (tmp_path / "graph" / "graph.png").stat().st_size > 0
+    assert main(["graph", "--bank", bank, "--out", str(tmp_path / "graph_k"), "--k", "1", "--no-plot"]) == 0
+    assert "--k is deprecated and will be removed; use --neighbours" in capsys.readouterr().err
     graph = json.loads((tmp_path / "graph" / "graph.json").read_text())
     assert set(graph["names"]) == {"close", "far1"}
     assert main(["export", "--bank", bank, "close_pi", str(tmp_path / "peft")]) == 0
