@@ -109,6 +109,7 @@ def test_every_input_is_checked_before_anything_trains(
     with pytest.raises(ConfigError, match=r"data: unknown TextClassificationDataModule option\(s\) 'max_lenght' "
                        r"\(did you mean 'max_length'\?\)"):  # fmt: skip
         run_suite(SuiteConfig(**typo))
+    assert not (tmp_path / "run").exists()  # nothing written
     (tmp_path / "output_file").write_text("not a folder")
     suite = tiny_suite(
         tiny_backbone,
@@ -128,3 +129,21 @@ def test_every_input_is_checked_before_anything_trains(
     assert "backbone: No backbone directory at" in message
     assert f"output: The output location {tmp_path / 'output_file'} is a file; pass a directory" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output_file"]  # nothing written
+
+
+@pytest.mark.parametrize("damage", [b'{"a": {"recipe": {"x": 1}, "res', b"\x00\xff not json", b"[1, 2]"])
+def test_a_torn_resume_file_means_recompute(tmp_path: Path, damage: bytes) -> None:
+    """A ``sources.json`` / ``runs.json`` cut by a crash (or damaged) is read as "nothing measured", never a crash,
+    and the next write replaces it whole (atomically)."""
+    import json
+
+    from pituning.pipeline import ResumeCache
+
+    path = tmp_path / "runs.json"
+    path.write_bytes(damage)
+    cache = ResumeCache(path)
+    assert cache.get("a", {"x": 1}) is None
+    cache.put("a", {"x": 1}, {"acc": 0.5})
+    assert json.loads(path.read_text()) == {"a": {"recipe": {"x": 1}, "result": {"acc": 0.5}}}
+    assert ResumeCache(path).get("a", {"x": 1}) == {"acc": 0.5} and ResumeCache(path).get("a", {"x": 2}) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.json"]  # no temporary file left
