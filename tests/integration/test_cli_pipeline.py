@@ -46,6 +46,7 @@ def test_stages_from_yaml(
             "trainer": TRAINER,
         }
         assert main(["train-expert", "--config", _yaml(tmp_path / f"{name}.yaml", config)]) == 0
+        assert f"stored {name} in {bank}" in capsys.readouterr().out
         embed = {
             "model": {"backbone": tiny_backbone, "bank": bank, "expert_name": name},
             "data": _data(tasks[name], tiny_backbone, name, max_train_examples=96),
@@ -159,6 +160,7 @@ def test_run_suite_collapsed_sources(
                        collapsed_sources="exclude")  # fmt: skip
     assert main(["run", "--config", _yaml(tmp_path / "suite.yaml", suite)]) == 0
     out = capsys.readouterr().out
+    assert out.count("source far1 is no better than always predicting its majority class") == 1  # said once
     assert "WARNING source far1 is no better than always predicting its majority class" in out
     assert "left out of the candidates" in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
