@@ -295,3 +295,13 @@ def test_non_finite_inputs_and_losses_stop_training_naming_task_and_batch(
     with pytest.raises(NonFiniteError, match=r"task 'close' .* inputs are finite, so training diverged: lower the"):
         trainer(max_epochs=1).fit(diverged, text)
     assert "close" not in ExpertBank(bank)
+
+    def finite_loss_nan_gradients(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        zero = logits - logits.detach()  # 0, with a gradient path; the square root's gradient at 0 is inf
+        return torch.nn.functional.cross_entropy(logits, labels) + 0.0 * zero.abs().sqrt().sum()
+
+    nan_grads = ExpertTrainingModule(tiny_backbone, {"kind": "lora", "r": 2}, "close", bank)
+    monkeypatch.setattr(nan_grads, "_loss", finite_loss_nan_gradients)
+    with pytest.raises(NonFiniteError, match=r"gradients are NaN or inf on task 'close' at epoch 0, batch 0, although"):
+        trainer(max_epochs=1).fit(nan_grads, text)
+    assert "close" not in ExpertBank(bank)

@@ -53,6 +53,21 @@ class StageModule(pl.LightningModule):
         name = getattr(datamodule, "task_name", None) or self.hp.get("expert_name") or self.hp.get("target")
         return str(name)
 
+    def refuse_non_finite_gradients(self, optimizer: Any, batch_idx: int) -> None:
+        """Stop with a :class:`~pituning.errors.NonFiniteError` if any gradient about to be applied is NaN or inf (one
+        device sync per step). Under 16-bit mixed precision the gradient scaler skips such steps itself, by design."""
+        precision = str(self.trainer.precision)
+        if "16" in precision and "bf16" not in precision:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return
+        raise NonFiniteError(
+            f"The gradients are NaN or inf on task {self.task_label()!r} at epoch {self.current_epoch}, batch "
+            f"{batch_idx}, although the loss was finite: training diverged; lower the learning rate (optim.lr) or "
+            "compute in float32 (trainer.precision, backbone_dtype). Stopped before anything was stored."
+        )
+
     def refuse_non_finite(self, value: torch.Tensor, batch: dict[str, Any], batch_idx: int, what: str) -> None:
         """Stop with a :class:`~pituning.errors.NonFiniteError` naming the task, epoch, batch and cause if ``value``
         (a loss) is NaN or inf; nothing is stored, since the bank is written only at the end of a fit."""

@@ -93,6 +93,7 @@ class ExpertTrainingModule(StageModule):
         self.metrics = nn.ModuleDict()
         self.stored: Expert | None = None
         self.unseen: Tensor | None = None  # the DataModule's unseen_classes: left out of the training loss
+        self._batch_idx = -1  # the batch being trained on, for the gradient check before the optimizer step
         if num_classes is not None or task_type == "text_to_text":
             self._build(num_classes or 2, None)
 
@@ -218,11 +219,15 @@ class ExpertTrainingModule(StageModule):
         logits = self._train_logits(self(**{k: v for k, v in batch.items() if k != "labels"}))
         loss = self._loss(logits, labels)
         self.refuse_non_finite(loss, batch, batch_idx, "The training loss")
+        self._batch_idx = batch_idx
         self.log("train_loss", loss, prog_bar=True, batch_size=labels.shape[0])
         if logits.dim() == 2:
             self.metrics["train_acc"](logits.argmax(-1), labels)
             self.log("train_acc", self._metric("train_acc"), on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.refuse_non_finite_gradients(optimizer, self._batch_idx)
 
     def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
         labels = batch["labels"]
