@@ -577,6 +577,9 @@ def main(args: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # a Trainer turns Ctrl-C into sys.exit(1) inside its KeyboardInterrupt handler
         if isinstance(exit_.__context__, KeyboardInterrupt):
             return _interrupted()
+        if type(exit_).__name__ == "SIGTERMException":  # Lightning's, a SystemExit of status 0: never report success
+            print("\npituning: terminated (SIGTERM); run the same command again to resume", file=sys.stderr)
+            return 143
         raise
     raise AssertionError(cfg.command)  # pragma: no cover
 

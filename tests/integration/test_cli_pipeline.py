@@ -234,6 +234,15 @@ def test_ctrl_c_says_how_to_resume(
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
     assert "pituning: interrupted; run the same command again to resume" in capsys.readouterr().err
     assert "close" not in ExpertBank(bank)  # nothing half-stored
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def terminate(*_: object) -> None:
+        raise SIGTERMException  # what Lightning's loops raise after a SIGTERM (a SystemExit of status 0)
+
+    monkeypatch.setattr(ExpertTrainingModule, "training_step", terminate)
+    assert main(["train-expert", "--config", _yaml(tmp_path / "close.yaml", config)]) == 143  # never success
+    assert "pituning: terminated (SIGTERM); run the same command again to resume" in capsys.readouterr().err
+    assert "close" not in ExpertBank(bank)
     import pituning.suite
 
     monkeypatch.setattr(pituning.suite, "run_suite", interrupt)
