@@ -80,10 +80,15 @@ def test_stages_from_yaml(
     assert (tmp_path / "raw" / "head.safetensors").exists()
 
 
-def test_unknown_option_is_a_usage_error(tiny_backbone: str, tmp_path: Path) -> None:
+def test_unknown_option_is_a_usage_error(
+    tiny_backbone: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = {"model": {"backbone": tiny_backbone, "colour": "red"}, "data": _data("x.jsonl", tiny_backbone, "x")}
-    with pytest.raises(SystemExit) as exc:
-        main(["train-expert", "--config", _yaml(tmp_path / "bad.yaml", config)])
+    assert main(["train-expert", "--config", _yaml(tmp_path / "bad.yaml", config)]) == 2
+    assert "pituning: error: Unknown model option(s) 'colour'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # on the command line: LightningCLI's usage error
+        main(["train-expert", "--config", _yaml(tmp_path / "ok.yaml", {**config, "model": {"backbone": "b"}}),
+              "--model.colour", "red"])  # fmt: skip
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
         main(["run", "--backbone", "b", "--data_class", "x", "--sources", "[]", "--targets", "[]", "--kay", "3"])
