@@ -157,7 +157,7 @@ def test_an_unknown_family_works_once_described() -> None:
     ]
     assert model(torch.randn(2, 4, 8)).shape == (2, 4, 8)
     # it has no self-attention role, so a prefix is refused with the fix
-    with pytest.raises(Exception, match="no default insertion point for prefix"):
+    with pytest.raises(Exception, match="prefix experts do not fit the toy backbone: they attach to self-attention"):
         model.add_expert("p", PrefixConfig())
 
 
