@@ -111,12 +111,7 @@ class LocalStorage(Storage):
             raise BankError(
                 f"Bank location {str(root)!r} is not a usable path ({err}); pass a plain directory."
             ) from err
-        for parent in (resolved, *resolved.parents):
-            if parent.exists() and not parent.is_dir():
-                where = "is a file" if parent == resolved else f"is under {parent}, which is a file"
-                raise BankError(f"Bank location {root} {where}; pass a directory (a new one is created).")
-            if parent.exists():
-                break
+        nearest_folder(resolved, f"Bank location {root}")
         self.root = str(resolved)
         self._thread_lock = _LOCAL_LOCKS.setdefault(self.root, threading.RLock())
         self._held = 0
@@ -351,19 +346,25 @@ def check_writable(location: str | Path, what: str = "bank") -> None:
     if "://" in text and not text.startswith("file://"):
         open_storage(text)
         return
-    path = Path(text.removeprefix("file://")).expanduser().absolute()
+    folder = nearest_folder(Path(text.removeprefix("file://")).expanduser().absolute(), f"The {what} location {text}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BankError(
+            f"The {what} location {text} cannot be written: {folder} is not writable by this user; pass a "
+            "directory you can write."
+        )
+
+
+def nearest_folder(path: Path, described: str) -> Path:
+    """The nearest existing ancestor of ``path`` (``path`` itself included), which must be a folder: a
+    :class:`BankError` ``"<described> is a file"`` (or is under one) otherwise."""
     for parent in (path, *path.parents):
         if not parent.exists():
             continue
         if not parent.is_dir():
             where = "is a file" if parent == path else f"is under {parent}, which is a file"
-            raise BankError(f"The {what} location {text} {where}; pass a directory (a new one is created).")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise BankError(
-                f"The {what} location {text} cannot be written: {parent} is not writable by this user; pass a "
-                "directory you can write."
-            )
-        return
+            raise BankError(f"{described} {where}; pass a directory (a new one is created).")
+        return parent
+    return path  # pragma: no cover - the filesystem root always exists
 
 
 def open_storage(location: str | Path) -> Storage:
