@@ -23,8 +23,7 @@ benchmark (``make demo`` and ``benchmarks/`` compare methods over seeds).
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -65,24 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the results it writes to ``results.json``."""
     args = parse_args(argv)
-    from pituning.pipeline import evaluate_quality, fit_test, make_probe, plain_trainer, quiet, save_graph
+    from pituning import pipeline
     from pituning.report import comparison
 
-    quiet()
-    import lightning.pytorch as pl
+    pipeline.quiet()
     import torch
 
     from pituning import ExpertBank
     from pituning.data import TextClassificationDataModule
     from pituning.datasets.tweets import write_domains
-    from pituning.graph import TaskGraph
-    from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
+    from pituning.modules import TaskEmbeddingModule
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    start = time.perf_counter()
-
-    def say(text: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {text}", flush=True)
+    clock = pipeline.Clock()
+    say = clock.say
 
     out = args.out
     files = write_domains(out / "data", [*args.sources, args.target])
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     expert = {"kind": "lora", "r": args.rank, "alpha": 2 * args.rank}
     module_options: dict[str, Any] = {"lr": 1e-3, "overwrite": True}
     # a shared probe: one random LoRA expert at which every task's Fisher is taken (Task2Vec's probe network)
-    probe = make_probe(BACKBONE, expert, bank) if args.probe == "shared" else None
+    probe = pipeline.make_probe(BACKBONE, expert, bank) if args.probe == "shared" else None
 
     def data(name: str, **options: Any) -> TextClassificationDataModule:
         options = {"max_eval_examples": args.eval_examples, "batch_size": 32, **options}
@@ -104,75 +99,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the Fisher pass reads the training split in a fixed order; capping it keeps the per-sample pass short
         capped = data(domain, **{"max_train_examples": args.embed_examples, **options})
         module = TaskEmbeddingModule(BACKBONE, location, name, probe=probe)
-        plain_trainer(inference_mode=False).predict(module, datamodule=capped)
+        pipeline.plain_trainer(inference_mode=False).predict(module, datamodule=capped)
 
-    # ---- stage 1 and 2: source experts (each checked on its own test set) and their task embeddings
-    source_quality: dict[str, dict[str, Any]] = {}
-    for name in args.sources:
-        pl.seed_everything(0, verbose=False)
-        datamodule = data(name, max_train_examples=args.source_examples)
-        module = ExpertTrainingModule(BACKBONE, expert, name, location, **module_options)
-        plain_trainer(max_epochs=args.source_epochs).fit(module, datamodule)
-        # tweet sentiment is skewed (mostly negative for airlines): an undertrained expert predicts the majority class
-        # for every tweet and transfers nothing but that prior
-        checked = evaluate_quality(module, datamodule.test_dataloader())
-        source_quality[name] = checked.to_dict()
-        flag = "; COLLAPSED onto its majority class (raise --source-examples or --source-epochs)"
-        embed(name, name)
-        say(
-            f"source {name}: test accuracy {checked.acc:.3f} (majority class {checked.true_majority_share:.3f})"
-            + (flag if checked.collapsed else "")
-            + ", embedded"
-        )
-
-    # ---- the few-shot target: a LoRA expert alone (its expert also gives the target's own-expert embedding)
-    target = f"{args.target}_s{args.seed}"
-    few_shot = {"shots_per_class": args.shots, "seed": args.seed, "batch_size": 8}
-    target_data = data(args.target, **few_shot)
-    pl.seed_everything(args.seed, verbose=False)
-    alone = ExpertTrainingModule(BACKBONE, expert, target, location, **module_options)
-    acc_alone = fit_test(alone, target_data, args.target_epochs)
-    embed(target, args.target, **few_shot)
-    say(f"target {target} ({args.shots} shots per class): LoRA alone, test accuracy {acc_alone:.3f}")
-
-    graph = TaskGraph.from_bank(bank, [*args.sources, target])
-    ranked = graph.top_k(target, len(args.sources))
-    say("Fisher similarity to the target: " + ", ".join(f"{n} {s:.3f}" for n, s in ranked))
-
-    # ---- stage 3: π-Tuning on the same shots, epochs and seed
-    pl.seed_everything(args.seed, verbose=False)
-    pi = InterpolationModule(
-        BACKBONE, location, target, k=args.k, candidates=list(args.sources), predictor=args.predictor,
-        logits_lr=5e-2, weights_only_steps=10, **module_options,
+    # ---- stage 1 and 2: source experts (each checked on its own test set: tweet sentiment is skewed, and an
+    # undertrained expert predicts the majority class for every tweet) and their task embeddings
+    source_quality = pipeline.train_and_embed_sources(
+        BACKBONE, location, expert,
+        {name: functools.partial(data, name, max_train_examples=args.source_examples) for name in args.sources},
+        lambda name: embed(name, name),
+        epochs=args.source_epochs, module_options=module_options, say=say,
     )  # fmt: skip
-    acc_pi = fit_test(
-        pi, target_data, args.target_epochs
-    )  # the collapsed expert: one plain LoRA, the interpolation exactly
-    assert pi.stored is not None
-    weights = pi.stored.provenance["mean_weights"]
-    say(f"π-Tuning, pool {pi.pool} ({args.predictor} ranking): test accuracy {acc_pi:.3f}")
+
+    # ---- the few-shot target: a LoRA expert alone (its expert also gives the target's own-expert embedding), then
+    # stage 3: π-Tuning on the same shots, epochs and seed
+    target = f"{args.target}_s{args.seed}"
+    few_shot = {"shots": args.shots, "seed": args.seed, "batch_size": 8}
+    target_data = data(args.target, **few_shot)
+    say(f"target {target}: {args.shots} shots per class, sources ranked by {args.predictor}")
+    found = pipeline.alone_then_pi(
+        BACKBONE, location, expert, target, target_data, list(args.sources),
+        lambda: embed(target, args.target, **few_shot),
+        k=args.k, seed=args.seed, epochs=args.target_epochs, module_options=module_options, say=say,
+        predictor=args.predictor, logits_lr=5e-2, weights_only_steps=10,
+    )  # fmt: skip
 
     # ---- results
-    graph_files = save_graph(graph, out / "graph", say, k=min(2, len(args.sources)))
+    graph_files = pipeline.save_graph(found.graph, out / "graph", say, k=min(2, len(args.sources)))
     test_size = len(target_data.splits["test"][1])
     print(f"\nTarget {args.target!r}, {args.shots} shots per class, accuracy on {test_size} test tweets:")
-    print(comparison({"LoRA alone": acc_alone, f"π-Tuning (k={args.k})": acc_pi}, weights))
-    results = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    print(comparison({"LoRA alone": found.alone, f"π-Tuning (k={args.k})": found.pi}, found.weights))
+    return pipeline.write_results(out, args, clock, {
         "backbone": BACKBONE,
         "expert": expert,
         "source_quality": source_quality,
-        "similarity_to_target": dict(ranked),
-        "selected_sources": pi.selected,
-        "accuracy": {"lora_alone": acc_alone, "pi_tuning": acc_pi},
-        "mean_interpolation_weights": weights,
-        "collapsed_expert": f"{target}_pi",
+        "accuracy": {"lora_alone": found.alone, "pi_tuning": found.pi},
+        **found.to_dict(),
         "graph": graph_files,
-        "runtime_s": round(time.perf_counter() - start, 1),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nruntime {results['runtime_s']} s; data, bank, graph and results.json in {out.resolve()}")
-    return results
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

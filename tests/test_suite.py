@@ -83,7 +83,7 @@ def test_paired_difference_needs_pairs() -> None:
     [
         ("embed_examples", 0, "embed_examples must be at least 1"),
         ("collapsed_sources", "ignore", r"collapsed_sources must be one of \['warn', 'exclude', 'error'\]"),
-        ("data", {"shots_per_class": 4}, r"data options \['shots_per_class'\] are set by the suite"),
+        ("data", {"shots": 4}, r"data options \['shots'\] are set by the suite"),
         ("interpolation", {"k": 3}, "Unknown interpolation option.*'k'.*move it to the top level"),
         ("module", {"lrr": 0.1}, r"'lrr' \(did you mean 'lr'\?\)"),
         ("k", 2, "k=2 but the suite has only 1 source"),
@@ -122,9 +122,7 @@ def test_every_input_is_checked_before_anything_trains(
         run_suite(SuiteConfig(**{**suite, "backbone": str(tmp_path / "no_such_model")}))
     message = str(err.value)
     assert "4 problem(s); nothing was trained" in message
-    assert (
-        "target target: Task 'target': class" in message and "fewer than shots_per_class=500 (what remains" in message
-    )
+    assert "target target: Task 'target': class" in message and "fewer than shots=500 (what remains" in message
     assert "target gone: Could not load dataset" in message
     assert "backbone: No backbone directory at" in message
     assert f"output: The output location {tmp_path / 'output_file'} is a file; pass a directory" in message

@@ -449,7 +449,7 @@ class Runner:
     # ------------------------------------------------------------------ targets
     def target_data(self, target: TaskSpec, regime: str, seed: int, **extra: Any) -> Any:
         s = self.suite
-        size = {"shots_per_class": s.config.shots} if regime == "few" else {"max_train_examples": s.full_examples}
+        size = {"shots": s.config.shots} if regime == "few" else {"max_train_examples": s.full_examples}
         return make_datamodule(s.config, target, **size, seed=seed, batch_size=s.target_batch, **extra)
 
     def run(self, regime: str, methods: list[str], variants: dict[str, dict[str, Any]]) -> None:
@@ -521,7 +521,7 @@ class Runner:
             return linear_probe(s, dm), {}
         if method in SCRATCH:
             config = cfg.expert if method == cfg.expert["kind"] else SCRATCH[method]
-            module = ExpertTrainingModule(cfg.backbone, config, "scratch", None, **s.module_kwargs())
+            module = ExpertTrainingModule(cfg.backbone, None, "scratch", config, **s.module_kwargs())
             return fit_test(module, dm, epochs, restore_best=restore), {}
         if method == "full_ft":
             return fit_test(full_finetune_module(s), dm, epochs, restore_best=restore), {}
@@ -586,7 +586,7 @@ class Runner:
                     pl.seed_everything(seed, verbose=False)
                     row: dict[str, Any] = {**ctx.base(s), "method": "transfer", "variant": source, "source": source}
                     if self.heads_transfer():
-                        zero = ExpertTrainingModule(cfg.backbone, cfg.expert, "zero", str(self.bank_dir),
+                        zero = ExpertTrainingModule(cfg.backbone, str(self.bank_dir), "zero", cfg.expert,
                                                     init_from=source, task_type=cfg.task_type)  # fmt: skip
                         row["zero_shot"] = float(plain_trainer().test(zero, ctx.dm, verbose=False)[0]["test_acc"])
                     module = train_expert(cfg, self.work, f"{ctx.name}_from_{source}", ctx.dm, cfg.target_epochs,

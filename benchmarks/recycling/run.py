@@ -4,7 +4,9 @@ Each suite is the quality benchmark's (same backbone, sources, data and budgets)
 pipeline with every method of :data:`pituning.methods.METHODS` beside the target expert alone and π-Tuning. A target
 never draws from the source of its own domain. Seeds run one at a time over every target (seed-major), so an
 interrupted campaign has covered every target before it adds seeds; every part is cached, so the same command resumes
-where it stopped::
+where it stopped. The results file is written after every (target, seed) pair and is itself the campaign's memory: a
+later session, on a machine without the caches, keeps the rows measured under the same recipe (a fingerprint of the
+backbone, sources, budgets and options) and measures only what is missing::
 
     python benchmarks/recycling/run.py --suite text                   # 4 targets x 5 seeds, every method
     python benchmarks/recycling/run.py --suite text --report-only     # tables from what is measured so far
@@ -12,13 +14,14 @@ where it stopped::
 
 Results: ``benchmarks/results/recycling_<suite>.{json,md}`` (+ ``.png``): accuracy per method (mean ± std over
 targets and seeds), paired differences against π-Tuning and against the best other method with 95% bootstrap
-intervals and Wilcoxon p-values, wins, the command, date, machine and load average.
+intervals and Wilcoxon p-values, wins, date, machine, and each session's command, time and load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import statistics
@@ -35,7 +38,7 @@ import run as quality  # noqa: E402  (the quality benchmark's suites)
 
 from pituning.config import SuiteConfig, TaskSpec  # noqa: E402
 from pituning.methods import METHODS  # noqa: E402
-from pituning.pipeline import quiet  # noqa: E402
+from pituning.pipeline import plain, quiet  # noqa: E402
 from pituning.report import machine, paired_statistics  # noqa: E402
 
 SUITES = {"text": quality.text_suite, "vision": quality.vision_suite, "vision_language": quality.vision_language_suite}
@@ -81,22 +84,56 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def report(cfg: SuiteConfig, suite_name: str, out: Path, command: str, seconds: float, note: str) -> dict[str, Any]:
-    """Tables from every measured target and seed (the resume caches), written to ``out`` (.json, .md, .png)."""
+def recipe(cfg: SuiteConfig, work: Path) -> str:
+    """A fingerprint of everything that decides a measurement (backbone, sources, targets, budgets, options, method
+    options), with the work folder left out: rows measured under the same recipe in an earlier session are
+    comparable."""
+    fields = {k: v for k, v in plain(cfg).items() if k not in ("output", "seeds", "methods")}
+    text = json.dumps(fields, sort_keys=True).replace(str(work), "<work>")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def previous(out: Path, fingerprint: str) -> dict[str, Any]:
+    """The committed results of earlier sessions (``out``.json) when they were measured under the same recipe, else
+    nothing: the campaign outlives its caches, which a new machine does not have."""
+    try:
+        data = json.loads(out.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("recipe") == fingerprint else {}
+
+
+def measured_rows(cfg: SuiteConfig, earlier: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per measured (target, seed): the earlier sessions' values, overridden by this session's caches."""
     runs = json.loads((Path(cfg.output) / "runs.json").read_text()) if (Path(cfg.output) / "runs.json").exists() else {}
+    kept = {(r["target"], r["seed"]): r for r in earlier.get("rows", [])}
     rows: list[dict[str, Any]] = []
     for target in cfg.targets:
         for seed in cfg.seeds:
             name = f"{target.name}_s{seed}"
+            row = dict(kept.get((target.name, seed), {"target": target.name, "seed": seed}))
             base = runs.get(name, {}).get("result")
-            if base is None:
-                continue
-            row = {"target": target.name, "seed": seed, "alone": base["alone"], "pi": base["pi"]}
+            if base is not None:
+                row.update(alone=base["alone"], pi=base["pi"])
             for method in cfg.methods:
                 measured = runs.get(f"{name}:{method}", {}).get("result")
                 if measured is not None:
                     row[method] = measured["acc"]
-            rows.append(row)
+            if "pi" in row:
+                rows.append(row)
+    return rows
+
+
+def report(
+    cfg: SuiteConfig, suite_name: str, out: Path, fingerprint: str, session: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Tables from every measured target and seed (earlier sessions' committed rows and this session's caches),
+    written to ``out`` (.json, .md, .png). ``session``: this run's command, start, seconds, load and note, added to
+    the list of the sessions that measured the rows (``None`` for a report that measured nothing)."""
+    earlier = previous(out, fingerprint)
+    sessions = [s for s in earlier.get("sessions", []) if not session or s["started"] != session["started"]]
+    sessions += [session] if session else []
+    rows = measured_rows(cfg, earlier)
     methods = ["alone", "pi", *cfg.methods]
     complete = [r for r in rows if all(m in r for m in methods)]
     mean = {
@@ -113,11 +150,12 @@ def report(cfg: SuiteConfig, suite_name: str, out: Path, command: str, seconds: 
     )
     results = {
         "suite": suite_name,
-        "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "load_average": load_average(),
-        "seconds": seconds,
+        "recipe": fingerprint,
+        "seconds": round(sum(s["seconds"] for s in sessions), 1),
+        "sessions": sessions,
         "targets": [t.name for t in cfg.targets],
         "seeds": cfg.seeds,
         "methods": methods,
@@ -128,7 +166,6 @@ def report(cfg: SuiteConfig, suite_name: str, out: Path, command: str, seconds: 
         "best_other": best,
         "pi_minus": vs_pi,
         "minus_best_other": vs_best,
-        "note": note,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -141,17 +178,22 @@ def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
     lines = [
         f"# Reusing experts: {res['suite']} suite, 16-shot",
         "",
-        f"Command: `{res['command']}`  ",
         f"Date: {res['date']}  ",
         f"Machine: {res['machine']['cpu']}, {res['machine']['cpus']} cores, torch {res['machine']['torch']}  ",
-        f"Load average at the end (1, 5, 15 min): {res['load_average']}  ",
         f"Targets: {', '.join(res['targets'])}; seeds {res['seeds']}; k={cfg.k}; {cfg.shots} shots per class; "
         f"{cfg.target_epochs} target epochs for every method that trains.  ",
+        f"Recipe fingerprint: `{res['recipe']}` (rows of earlier sessions are kept only under the same one).  ",
         f"Complete (target, seed) pairs: **{res['pairs']} of {res['planned_pairs']} planned**.",
         "",
+        f"Measured in {len(res['sessions'])} session(s), {res['seconds'] / 3600:.1f} CPU-hours of wall time in all:",
+        "",
     ]
-    if res["note"]:
-        lines += [res["note"], ""]
+    for s in res["sessions"]:
+        lines.append(
+            f"- {s['started']}: `{s['command']}`, {s['seconds'] / 60:.0f} min, load average at its last write "
+            f"{s['load_average']}" + (f". {s['note']}" if s["note"] else "")
+        )
+    lines.append("")
     if not res["pairs"]:
         return "\n".join([*lines, "Nothing measured yet.", ""])
     lines += ["| method | accuracy (mean ± std) | π-Tuning minus it (points) | 95% interval | Wilcoxon p | π wins |"]
@@ -252,12 +294,34 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, methods=args.methods or supported)
     stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"recycling_{args.suite}"
     command = "python benchmarks/recycling/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    fingerprint = recipe(cfg, work)
     start = time.perf_counter()
+
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def write(measuring: bool = True) -> dict[str, Any]:
+        session = {
+            "command": command,
+            "started": started,
+            "seconds": round(time.perf_counter() - start, 1),
+            "load_average": load_average(),
+            "note": args.note,
+        }
+        return report(cfg, args.suite, stem, fingerprint, session if measuring else None)
+
+    measured = False
     if not args.report_only:
+        wanted = ["alone", "pi", *cfg.methods]
         for seed in seeds:  # seed-major: every target at this seed before the next seed
-            run_suite(replace(cfg, seeds=[seed]))
-            report(cfg, args.suite, stem, command, time.perf_counter() - start, args.note)
-    results = report(cfg, args.suite, stem, command, time.perf_counter() - start, args.note)
+            for target in cfg.targets:
+                done = {(r["target"], r["seed"]) for r in measured_rows(cfg, previous(stem, fingerprint))
+                        if all(m in r for m in wanted)}  # fmt: skip
+                if (target.name, seed) in done:
+                    continue
+                run_suite(replace(cfg, seeds=[seed], targets=[target]))
+                measured = True
+                write()  # after every pair: an interrupted campaign loses at most the pair it was on
+    results = write(measuring=measured)
     print(stem.with_suffix(".md").read_text())
     return 0 if results["pairs"] else 1
 

@@ -41,7 +41,7 @@ TaskType = Literal["classification", "matching", "text_to_text"]
 BACKBONE_DTYPES = ("float32", "bfloat16", None)
 """Storage dtypes of a frozen backbone (``None``: as stored)."""
 
-SUITE_SET_DATA_OPTIONS = ("dataset", "task_name", "shots_per_class", "seed")
+SUITE_SET_DATA_OPTIONS = ("dataset", "task_name", "shots", "shots_per_class", "seed")
 """DataModule options a suite sets itself, per task: never in a suite's shared ``data`` or a task's ``options``."""
 
 

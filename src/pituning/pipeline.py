@@ -12,8 +12,9 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ from pituning.errors import ConfigError
 from pituning.report import ExpertQuality, expert_quality
 
 __all__ = [
+    "Clock",
     "ResumeCache",
     "TrainerFactory",
+    "alone_then_pi",
     "check_inputs",
     "embed_task",
     "evaluate_quality",
@@ -45,8 +48,10 @@ __all__ = [
     "run_target",
     "save_graph",
     "stage_kwargs",
+    "train_and_embed_sources",
     "train_expert",
     "train_source",
+    "write_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,7 +196,7 @@ def check_inputs(cfg: SuiteConfig) -> None:
     if problems:  # the DataModules below could not even be built
         raise ConfigError("The suite's options have problems; nothing was run:\n  - " + "\n  - ".join(problems))
     checks: list[tuple[str, TaskSpec, dict[str, Any]]] = [(f"source {t.name}", t, {}) for t in cfg.sources]
-    checks += [(f"target {t.name}", t, {"shots_per_class": cfg.shots, "seed": cfg.seeds[0]}) for t in cfg.targets]
+    checks += [(f"target {t.name}", t, {"shots": cfg.shots, "seed": cfg.seeds[0]}) for t in cfg.targets]
     for where, task, extra in checks:
         try:
             make_datamodule(cfg, task, **extra).setup("fit")
@@ -256,7 +261,7 @@ def train_expert(
 
     location = str(Path(root) / "bank")
     options = {"optim": cfg.optim, **stage_kwargs(cfg), **module}
-    trained = ExpertTrainingModule(cfg.backbone, cfg.expert, name, location, overwrite=True, **options)
+    trained = ExpertTrainingModule(cfg.backbone, location, name, cfg.expert, overwrite=True, **options)
     if fresh_head:
         add_experts = trained.add_experts
 
@@ -449,7 +454,7 @@ def run_target(
         "task_type": cfg.task_type, "backbone_task": cfg.backbone_task,
         "sources": {c: sources.get(c) for c in candidates},
     }  # fmt: skip
-    datamodule = make_datamodule(cfg, task, shots_per_class=cfg.shots, seed=seed)
+    datamodule = make_datamodule(cfg, task, shots=cfg.shots, seed=seed)
     row = cache.get(name, recipe)
     if row is not None and f"{name}_pi" in ExpertBank(Path(root) / "bank"):
         say(f"target {name}: expert alone and π-Tuning measured already, from the same recipe")
@@ -638,3 +643,147 @@ def save_graph(graph: Any, folder: str | Path, say: Callable[[str], None], *, k:
     except ConfigError as err:  # matplotlib is optional: the JSON and CSV are written anyway
         say(f"no graph plot: {err}")
     return files
+
+
+# ---------------------------------------------------------------------------------------------- stage by stage
+# The three stages with the LightningModules themselves and plain Trainers, for scripts that build their own
+# DataModules (the examples): what `run_suite` does from a SuiteConfig, one step at a time.
+
+
+def train_and_embed_sources(
+    backbone: str,
+    bank: str,
+    expert: Mapping[str, Any],
+    sources: Mapping[str, Callable[[], Any]],
+    embed: Callable[[str], None],
+    *,
+    epochs: int,
+    module_options: Mapping[str, Any],
+    say: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Stage 1 and 2 for every source: train its expert (seed 0) on ``sources[name]()``, check it on its own test set
+    (:func:`evaluate_quality`: an expert that predicts its majority class for everything transfers nothing but that
+    prior), then ``embed(name)``. Returns each source's :class:`~pituning.report.ExpertQuality` as a dict."""
+    import lightning.pytorch as pl
+
+    from pituning.modules import ExpertTrainingModule
+
+    quality: dict[str, dict[str, Any]] = {}
+    for name, make_data in sources.items():
+        pl.seed_everything(0, verbose=False)
+        datamodule = make_data()
+        module = ExpertTrainingModule(backbone, bank, name, dict(expert), **module_options)
+        plain_trainer(max_epochs=epochs).fit(module, datamodule)
+        checked = evaluate_quality(module, datamodule.test_dataloader())
+        quality[name] = checked.to_dict()
+        embed(name)
+        collapsed = "; COLLAPSED onto its majority class (train it longer or on more examples)"
+        say(
+            f"source {name}: test accuracy {checked.acc:.3f} (majority class {checked.true_majority_share:.3f})"
+            + (collapsed if checked.collapsed else "")
+            + ", embedded"
+        )
+    return quality
+
+
+@dataclass(frozen=True)
+class TargetRun:
+    """What :func:`alone_then_pi` measured on one target."""
+
+    alone: float
+    """Test accuracy of the target's expert alone."""
+    pi: float
+    """Test accuracy of π-Tuning (the collapsed expert)."""
+    ranked: list[tuple[str, float]]
+    """Every source with its similarity to the target, most similar first."""
+    graph: Any
+    """The :class:`~pituning.graph.TaskGraph` of the sources and the target."""
+    selected: list[tuple[str, float]]
+    """The sources π-Tuning interpolated, with their scores."""
+    weights: Any
+    """The mean interpolation weights stored with the collapsed expert."""
+    collapsed: str
+    """The collapsed expert's name in the bank."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready part: similarities, the pool, the weights and the collapsed expert's name."""
+        return {
+            "similarity_to_target": dict(self.ranked),
+            "selected_sources": self.selected,
+            "mean_interpolation_weights": self.weights,
+            "collapsed_expert": self.collapsed,
+        }
+
+
+def alone_then_pi(
+    backbone: str,
+    bank: str,
+    expert: Mapping[str, Any],
+    target: str,
+    target_data: Any,
+    sources: list[str],
+    embed_target: Callable[[], None],
+    *,
+    k: int,
+    seed: int,
+    epochs: int,
+    module_options: Mapping[str, Any],
+    say: Callable[[str], None],
+    **interpolation: Any,
+) -> TargetRun:
+    """The few-shot target, stage by stage: its expert alone on ``target_data`` (whose expert, through
+    ``embed_target()``, also gives the target's embedding), the sources ranked by the task graph, then π-Tuning
+    (:class:`~pituning.modules.InterpolationModule` over ``sources`` with ``interpolation`` options) on the same
+    shots, epochs and seed."""
+    import lightning.pytorch as pl
+
+    from pituning.graph import TaskGraph
+    from pituning.modules import ExpertTrainingModule, InterpolationModule
+
+    pl.seed_everything(seed, verbose=False)
+    alone = ExpertTrainingModule(backbone, bank, target, dict(expert), **module_options)
+    acc_alone = fit_test(alone, target_data, epochs)
+    embed_target()
+    say(f"target {target}: expert alone, test accuracy {acc_alone:.3f}")
+
+    graph = TaskGraph.from_bank(ExpertBank(bank), [*sources, target])
+    ranked = graph.top_k(target, len(sources))
+    say("similarity to the target: " + ", ".join(f"{n} {s:.3f}" for n, s in ranked))
+
+    pl.seed_everything(seed, verbose=False)
+    pi = InterpolationModule(backbone, bank, target, k=k, candidates=sources, **interpolation, **module_options)
+    acc_pi = fit_test(pi, target_data, epochs)  # tests the collapsed expert: one plain expert, the interpolation
+    assert pi.stored is not None
+    say(f"π-Tuning, pool {pi.pool}: test accuracy {acc_pi:.3f}")
+    return TargetRun(
+        acc_alone, acc_pi, ranked, graph, pi.selected, pi.stored.provenance["mean_weights"], pi.stored.name
+    )
+
+
+class Clock:
+    """A script's stopwatch: :meth:`say` prints a progress line after the seconds since the clock was made."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since the clock was made."""
+        return time.perf_counter() - self.start
+
+    def say(self, text: str) -> None:
+        """Print ``[  12.3s] text`` and flush (progress lines stay in order with a subprocess's output)."""
+        print(f"[{self.seconds:6.1f}s] {text}", flush=True)
+
+
+def write_results(out: Path, args: Any, clock: Clock, results: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a script's ``results`` to ``out/results.json`` with its arguments (``argparse`` namespace) and run time
+    (``clock``), say where, and return what was written."""
+    written = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **results,
+        "runtime_s": round(clock.seconds, 1),
+    }
+    (out / "results.json").write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nruntime {written['runtime_s']} s; bank, graph and results.json in {out.resolve()}")
+    return written

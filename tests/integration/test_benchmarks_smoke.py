@@ -183,3 +183,16 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     assert set(results["pi_minus"]) == set(results["methods"]) - {"pi"}
     assert all({"ci_low", "ci_high", "p"} <= set(d) for d in results["pi_minus"].values())
     assert "Wilcoxon p" in out.with_suffix(".md").read_text()
+    assert len(results["sessions"]) == 1 and results["recipe"]
+
+    # a later session on a new machine (no caches) keeps the committed rows and measures nothing again
+    again = subprocess.run(
+        [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(tmp_path / "new"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    kept = json.loads(out.with_suffix(".json").read_text())
+    assert kept["rows"] == results["rows"] and kept["sessions"] == results["sessions"]
+    assert not (tmp_path / "new" / "smoke" / suite / "runs.json").exists()

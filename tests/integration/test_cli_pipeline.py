@@ -55,7 +55,7 @@ def test_stages_from_yaml(
         assert main(["embed", "--config", _yaml(tmp_path / f"embed-{name}.yaml", embed)]) == 0
     interp = {
         "model": {"backbone": tiny_backbone, "bank": bank, "target": "close", "k": 1, "lr": 0.01},
-        "data": _data(tasks["target"], tiny_backbone, "target", shots_per_class=8),
+        "data": _data(tasks["target"], tiny_backbone, "target", shots=8),
         "trainer": TRAINER,
     }
     assert (
@@ -65,7 +65,7 @@ def test_stages_from_yaml(
     assert stored.provenance["sources"] == ["far1"] and stored.provenance["mode"] == "weights_only"
     evaluate = {
         "model": {"backbone": tiny_backbone, "bank": bank, "init_from": "close_pi", "expert_name": "evaluated"},
-        "data": _data(tasks["target"], tiny_backbone, "target", shots_per_class=8),
+        "data": _data(tasks["target"], tiny_backbone, "target", shots=8),
         "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
     }
     assert main(["evaluate", "--config", _yaml(tmp_path / "eval.yaml", evaluate)]) == 0

@@ -66,7 +66,7 @@ def test_train_and_embed_under_ddp(tiny_backbone: str, tasks: dict[str, str], tm
     # stage 3 under DDP: the pool of one source and a fresh target expert collapses on rank zero
     interp = {
         "model": {"backbone": tiny_backbone, "bank": bank, "target": "close", "sources": ["close"], "k": 1},
-        "data": {**data, "init_args": {**data["init_args"], "shots_per_class": 8}},
+        "data": {**data, "init_args": {**data["init_args"], "shots": 8}},
         "trainer": {**trainer, "max_epochs": 1, "strategy": "ddp", "devices": 2},
     }
     (tmp_path / "interp.yaml").write_text(yaml.safe_dump(interp))

@@ -16,6 +16,7 @@ from pituning.data import (
     VisionLanguageDataModule,
     to_pixels,
 )
+from pituning.errors import ConfigError
 from tiny import text_data
 
 
@@ -24,15 +25,15 @@ def test_text_splits_shots_and_metadata(tiny_backbone: str, tasks: dict[str, str
     full.setup()
     sizes = {k: len(v[1]) for k, v in full.splits.items()}
     assert sizes == {"train": 432, "validation": 48, "test": 120}
-    shots = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=16, seed=3)
+    shots = text_data(tasks["target"], tiny_backbone, "t", shots=16, seed=3)
     shots.setup()
     labels = shots.splits["train"][1]
     assert len(labels) == 32 and labels.count(0) == labels.count(1) == 16
     assert shots.splits["test"] == full.splits["test"]  # the test set does not depend on the shots' seed
-    again = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=16, seed=3)
+    again = text_data(tasks["target"], tiny_backbone, "t", shots=16, seed=3)
     again.setup()
     assert again.splits["train"] == shots.splits["train"]
-    other = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=16, seed=4)
+    other = text_data(tasks["target"], tiny_backbone, "t", shots=16, seed=4)
     other.setup()
     assert other.splits["train"] != shots.splits["train"]
     info = shots.task_info()
@@ -48,6 +49,20 @@ def test_text_splits_shots_and_metadata(tiny_backbone: str, tasks: dict[str, str
     assert batch["input_ids"][:, 0].eq(2).all()  # [CLS] first: the backbone's tokenizer is used
 
 
+def test_shots_per_class_is_the_deprecated_spelling_of_shots(tiny_backbone: str, tasks: dict[str, str]) -> None:
+    new = TextClassificationDataModule(tasks["target"], tiny_backbone, "t", max_length=16, shots=8, seed=1)
+    with pytest.warns(DeprecationWarning, match="shots_per_class is deprecated.*pass shots") as caught:
+        old = TextClassificationDataModule(
+            tasks["target"], tiny_backbone, "t", max_length=16, shots_per_class=8, seed=1
+        )
+    assert caught[0].filename == __file__  # the warning points at the caller
+    new.setup()
+    old.setup()
+    assert old.shots == 8 and old.splits == new.splits
+    with pytest.raises(ConfigError, match="pass only shots"):
+        text_data(tasks["target"], tiny_backbone, "t", shots=8, shots_per_class=8)
+
+
 def _write(path: Path, rows: list[dict[str, object]]) -> str:
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return str(path)
@@ -61,8 +76,8 @@ def test_text_errors(tiny_backbone: str, tmp_path: Path) -> None:
     with pytest.raises(DataError):
         text_data(str(tmp_path / "empty.jsonl"), tiny_backbone, "empty").setup()
     few = _write(tmp_path / "few.jsonl", [{"text": "w1", "label": i % 2} for i in range(12)])
-    with pytest.raises(DataError, match="fewer than shots_per_class=16"):
-        text_data(few, tiny_backbone, "few", shots_per_class=16).setup()
+    with pytest.raises(DataError, match="fewer than shots=16"):
+        text_data(few, tiny_backbone, "few", shots=16).setup()
     with pytest.raises(DataError, match=r"lacks column\(s\) \['sentence'\]"):
         text_data(few, tiny_backbone, "few", text_column="sentence").setup()
     with pytest.raises(DataError, match="Could not load dataset 'no/such-dataset'"):
@@ -136,9 +151,7 @@ def test_images_from_npz_and_folder(tmp_path: Path) -> None:
     images = rng.integers(0, 255, (60, 28, 28), dtype=np.uint8)
     labels = np.arange(60) % 3
     np.savez(tmp_path / "x.npz", images=images, labels=labels, label_names=np.array(["a", "b", "c"]))
-    data = ImageClassificationDataModule(
-        str(tmp_path / "x.npz"), "imgs", image_size=16, shots_per_class=4, classes=["a", "c"]
-    )
+    data = ImageClassificationDataModule(str(tmp_path / "x.npz"), "imgs", image_size=16, shots=4, classes=["a", "c"])
     data.setup()
     assert data.label_names == ["a", "c"] and len(data.splits["train"][1]) == 8
     item = data.dataset("train")[0]
@@ -222,7 +235,7 @@ def test_unseen_classes_are_tested_but_never_trained_on(tiny_backbone: str, tmp_
     full.setup()
     assert data.splits["test"][1] == full.splits["test"][1]  # the same fixed test set
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(data.splits["test"][0], full.splits["test"][0], strict=True))
-    shots = VisionLanguageDataModule(str(npz), tiny_backbone, "vl", unseen_classes=["w11"], shots_per_class=3,
+    shots = VisionLanguageDataModule(str(npz), tiny_backbone, "vl", unseen_classes=["w11"], shots=3,
                                      **options)  # fmt: skip
     shots.setup()
     assert sorted(shots.splits["train"][1]) == [0, 0, 0, 2, 2, 2]
@@ -234,7 +247,7 @@ def test_unseen_classes_are_tested_but_never_trained_on(tiny_backbone: str, tmp_
 def test_text_module_rejects_bad_options(tiny_backbone: str, tasks: dict[str, str]) -> None:
     from pituning import ConfigError
 
-    with pytest.raises(ConfigError, match="shots_per_class must be >= 1"):
-        TextClassificationDataModule(tasks["close"], tiny_backbone, "c", shots_per_class=0)
+    with pytest.raises(ConfigError, match="shots must be >= 1"):
+        TextClassificationDataModule(tasks["close"], tiny_backbone, "c", shots=0)
     with pytest.raises(ConfigError, match="val_fraction must be in"):
         TextClassificationDataModule(tasks["close"], tiny_backbone, "c", val_fraction=1.5)

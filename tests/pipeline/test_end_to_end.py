@@ -31,7 +31,7 @@ def test_pi_tuning_end_to_end(tiny_backbone: str, tasks: dict[str, str], tmp_pat
     for name in SOURCES:
         pl.seed_everything(0, verbose=False)
         data = text_data(tasks[name], tiny_backbone, name)
-        module = ExpertTrainingModule(tiny_backbone, EXPERT, name, bank_location, lr=1e-2)
+        module = ExpertTrainingModule(tiny_backbone, bank_location, name, EXPERT, lr=1e-2)
         trainer(max_epochs=8).fit(module, data)
         assert trainer().test(module, data, verbose=False)[0]["test_acc"] > 0.75  # each source is learnt
         embed(name, data)
@@ -39,10 +39,10 @@ def test_pi_tuning_end_to_end(tiny_backbone: str, tasks: dict[str, str], tmp_pat
     alone, pi = [], []
     for seed in (0, 1):
         name = f"target_s{seed}"
-        data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=16, seed=seed, batch_size=8,
+        data = text_data(tasks["target"], tiny_backbone, "target", shots=16, seed=seed, batch_size=8,
                          max_eval_examples=300)  # fmt: skip
         pl.seed_everything(seed, verbose=False)
-        module = ExpertTrainingModule(tiny_backbone, EXPERT, name, bank_location, lr=1e-2)
+        module = ExpertTrainingModule(tiny_backbone, bank_location, name, EXPERT, lr=1e-2)
         fit = trainer(max_epochs=10)
         fit.fit(module, data)
         alone.append(fit.test(module, data, verbose=False)[0]["test_acc"])
@@ -72,9 +72,9 @@ def test_few_shot_loss_predictor_ranks_the_related_source_first(
     for name in SOURCES:
         pl.seed_everything(0, verbose=False)
         data = text_data(tasks[name], tiny_backbone, name)
-        trainer(max_epochs=8).fit(ExpertTrainingModule(tiny_backbone, EXPERT, name, bank_location, lr=1e-2), data)
-    target = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=16, seed=0, batch_size=8)
-    trainer(max_epochs=2).fit(ExpertTrainingModule(tiny_backbone, EXPERT, "target", bank_location, lr=1e-2), target)
+        trainer(max_epochs=8).fit(ExpertTrainingModule(tiny_backbone, bank_location, name, EXPERT, lr=1e-2), data)
+    target = text_data(tasks["target"], tiny_backbone, "target", shots=16, seed=0, batch_size=8)
+    trainer(max_epochs=2).fit(ExpertTrainingModule(tiny_backbone, bank_location, "target", EXPERT, lr=1e-2), target)
     interp = InterpolationModule(
         tiny_backbone, bank_location, "target", k=2, candidates=list(SOURCES), predictor="few_shot_loss", lr=1e-2,
         head_init="best_source",

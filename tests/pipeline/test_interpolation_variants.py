@@ -22,10 +22,10 @@ def bank(tiny_backbone: str, tasks: dict[str, str], tmp_path_factory: pytest.Tem
     location = str(tmp_path_factory.mktemp("variants") / "bank")
     for name in ("close", "far1"):
         pl.seed_everything(0, verbose=False)
-        module = ExpertTrainingModule(tiny_backbone, EXPERT, name, location, optim=OPTIM)
+        module = ExpertTrainingModule(tiny_backbone, location, name, EXPERT, optim=OPTIM)
         trainer(max_epochs=1).fit(module, text_data(tasks[name], tiny_backbone, name, max_train_examples=64))
-    module = ExpertTrainingModule(tiny_backbone, EXPERT, "target", location, optim=OPTIM)
-    trainer(max_epochs=1).fit(module, text_data(tasks["target"], tiny_backbone, "target", shots_per_class=4))
+    module = ExpertTrainingModule(tiny_backbone, location, "target", EXPERT, optim=OPTIM)
+    trainer(max_epochs=1).fit(module, text_data(tasks["target"], tiny_backbone, "target", shots=4))
     return location
 
 
@@ -40,7 +40,7 @@ def _fit(backbone: str, bank: str, data: object, name: str, **interpolation: obj
 
 
 def test_linear_mixing_starts_at_the_target_expert(tiny_backbone: str, tasks: dict[str, str], bank: str) -> None:
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=4, batch_size=8)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=4, batch_size=8)
     module = _fit(tiny_backbone, bank, data, "lin", mixing="linear", share="task", weights_only_steps=0, logits_lr=0)
     stored = ExpertBank(bank).get("lin")
     # logits_lr 0: the coefficients stay where they started, every source at 0 and the target at 1
@@ -50,7 +50,7 @@ def test_linear_mixing_starts_at_the_target_expert(tiny_backbone: str, tasks: di
 
 
 def test_pool_without_the_target_expert(tiny_backbone: str, tasks: dict[str, str], bank: str) -> None:
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=4, batch_size=8)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=4, batch_size=8)
     module = _fit(tiny_backbone, bank, data, "no_target", include_target=False, share="layer")
     assert module.pool == ["close", "far1"]
     assert module.task_model is not None and "target_target" not in module.task_model.experts.experts
@@ -76,7 +76,7 @@ def test_guard_keeps_the_better_of_the_mixture_and_the_target_expert(
     losses: tuple[float, float],
     kept: str,
 ) -> None:
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=4, batch_size=8)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=4, batch_size=8)
     measured = iter(losses)  # the mixture's loss, then the target expert's alone
     seen: list[dict[str, float]] = []
 
@@ -99,7 +99,7 @@ def test_guard_keeps_the_better_of_the_mixture_and_the_target_expert(
 
 
 def test_guard_measures_real_losses(tiny_backbone: str, tasks: dict[str, str], bank: str) -> None:
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=4, batch_size=8)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=4, batch_size=8)
     _fit(tiny_backbone, bank, data, "guarded", guard=True, mixing="linear")
     guard = ExpertBank(bank).get("guarded").provenance["guard"]
     assert guard["kept"] == ("target" if guard["target_loss"] < guard["mixture_loss"] else "mixture")

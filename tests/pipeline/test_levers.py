@@ -19,9 +19,9 @@ EXPERT = {"kind": "lora", "r": 4, "alpha": 8}
 
 
 def test_holdout_shots_split_the_k_shot_sample(tiny_backbone: str, tasks: dict[str, str]) -> None:
-    data = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=8, holdout_shots=3, seed=2)
+    data = text_data(tasks["target"], tiny_backbone, "t", shots=8, holdout_shots=3, seed=2)
     data.setup()
-    full = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=8, seed=2)
+    full = text_data(tasks["target"], tiny_backbone, "t", shots=8, seed=2)
     full.setup()
     train, held = data.splits["train"], data.splits["validation"]
     assert sorted(train[1]) == [0] * 5 + [1] * 5 and sorted(held[1]) == [0] * 3 + [1] * 3
@@ -33,15 +33,15 @@ def test_holdout_shots_split_the_k_shot_sample(tiny_backbone: str, tasks: dict[s
 @pytest.mark.parametrize("holdout", [-1, 8, 9])
 def test_holdout_shots_must_be_below_the_shots(tiny_backbone: str, tasks: dict[str, str], holdout: int) -> None:
     with pytest.raises(ConfigError, match="holdout_shots"):
-        text_data(tasks["target"], tiny_backbone, "t", shots_per_class=8, holdout_shots=holdout)
+        text_data(tasks["target"], tiny_backbone, "t", shots=8, holdout_shots=holdout)
     with pytest.raises(ConfigError, match="holdout_shots"):
         text_data(tasks["target"], tiny_backbone, "t", holdout_shots=2)  # needs k-shot
 
 
 def test_restore_best_puts_back_the_best_epoch(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
-    data = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=8, holdout_shots=3, batch_size=4)
-    module = ExpertTrainingModule(tiny_backbone, EXPERT, "t", str(tmp_path / "bank"), lr=5e-2)
+    data = text_data(tasks["target"], tiny_backbone, "t", shots=8, holdout_shots=3, batch_size=4)
+    module = ExpertTrainingModule(tiny_backbone, str(tmp_path / "bank"), "t", EXPERT, lr=5e-2)
     seen: list[dict[str, torch.Tensor]] = []
 
     class Spy(pl.Callback):
@@ -59,8 +59,8 @@ def test_restore_best_puts_back_the_best_epoch(tiny_backbone: str, tasks: dict[s
 
 
 def test_restore_best_needs_a_validation_metric(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
-    data = text_data(tasks["target"], tiny_backbone, "t", shots_per_class=4)
-    module = ExpertTrainingModule(tiny_backbone, EXPERT, "t", None)
+    data = text_data(tasks["target"], tiny_backbone, "t", shots=4)
+    module = ExpertTrainingModule(tiny_backbone, None, "t", EXPERT)
     with pytest.raises(ConfigError, match="RestoreBest monitors 'val_nope'"):
         trainer(max_epochs=1, callbacks=[RestoreBest("val_nope")], num_sanity_val_steps=0).fit(module, data)
     with pytest.raises(ConfigError, match="mode"):
@@ -71,16 +71,16 @@ def _bank_with_sources(backbone: str, tasks: dict[str, str], root: Path) -> str:
     bank = str(root / "bank")
     for name in ("close", "far1"):
         pl.seed_everything(0, verbose=False)
-        module = ExpertTrainingModule(backbone, EXPERT, name, bank, lr=1e-2)
+        module = ExpertTrainingModule(backbone, bank, name, EXPERT, lr=1e-2)
         trainer(max_epochs=1).fit(module, text_data(tasks[name], backbone, name, max_train_examples=64))
-    module = ExpertTrainingModule(backbone, EXPERT, "target", bank, lr=1e-2)
-    trainer(max_epochs=1).fit(module, text_data(tasks["target"], backbone, "target", shots_per_class=4))
+    module = ExpertTrainingModule(backbone, bank, "target", EXPERT, lr=1e-2)
+    trainer(max_epochs=1).fit(module, text_data(tasks["target"], backbone, "target", shots=4))
     return bank
 
 
 def test_init_weights_and_logits_on_holdout(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
     bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8, holdout_shots=3, batch_size=4)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=8, holdout_shots=3, batch_size=4)
     module = InterpolationModule(
         tiny_backbone, bank, "target", sources=["close", "far1"], k=2, init_weights=[0.7, 0.2, 0.1],
         logits_data="holdout", logits_lr=0.5, weights_only_steps=100, lr=1e-2,
@@ -111,7 +111,7 @@ def test_init_weights_and_logits_on_holdout(tiny_backbone: str, tasks: dict[str,
 
 def test_logits_on_holdout_trains_end_to_end(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
     bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8, holdout_shots=3, batch_size=4)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=8, holdout_shots=3, batch_size=4)
     module = InterpolationModule(
         tiny_backbone, bank, "target", sources=["close", "far1"], k=2, logits_data="holdout", logits_lr=0.5, lr=1e-2
     )
@@ -128,7 +128,7 @@ def test_lever_options_are_checked(tiny_backbone: str, tasks: dict[str, str], tm
         InterpolationModule(tiny_backbone, bank, "target", k=2, init_weights=[1.0, 1.0])
     with pytest.raises(ConfigError, match="logits_data"):
         InterpolationModule(tiny_backbone, bank, "target", k=2, logits_data="test")
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=4, val_fraction=0.0)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=4, val_fraction=0.0)
     module = InterpolationModule(tiny_backbone, bank, "target", sources=["close", "far1"], k=2, logits_data="holdout")
     with pytest.raises(ConfigError, match="holdout_shots"):
         trainer(max_epochs=1, limit_val_batches=0).fit(module, data)
@@ -138,7 +138,7 @@ def test_source_lr_puts_the_sources_in_their_own_group(
     tiny_backbone: str, tasks: dict[str, str], tmp_path: Path
 ) -> None:
     bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8, batch_size=4)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=8, batch_size=4)
     module = InterpolationModule(tiny_backbone, bank, "target", sources=["close", "far1"], k=2, lr=1e-2,
                                  source_lr=1e-4, weights_only_steps=3)  # fmt: skip
     trainer(max_epochs=1, limit_val_batches=0).fit(module, data)
@@ -154,7 +154,7 @@ def test_source_lr_puts_the_sources_in_their_own_group(
 
 def test_source_lr_zero_freezes_the_sources(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
     bank = _bank_with_sources(tiny_backbone, tasks, tmp_path)
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8, batch_size=4)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=8, batch_size=4)
     before = {n: p.clone() for n, p in ExpertBank(bank).get("close").state.items()}
     module = InterpolationModule(tiny_backbone, bank, "target", sources=["close", "far1"], k=2, lr=1e-2, source_lr=0)
     trainer(max_epochs=1, limit_val_batches=0).fit(module, data)

@@ -23,7 +23,7 @@ def test_text_to_text_t5(tasks: dict[str, str], tmp_path: Path) -> None:
     bank = str(tmp_path / "bank")
     data = text_data(tasks["close"], t5, "close", text_to_text=True, label_names=["neg", "pos"], max_train_examples=64)
     module = ExpertTrainingModule(
-        t5, {"kind": "lora", "r": 4}, "close", bank, backbone_task="seq2seq-lm", task_type="text_to_text", lr=1e-2
+        t5, bank, "close", {"kind": "lora", "r": 4}, backbone_task="seq2seq-lm", task_type="text_to_text", lr=1e-2
     )
     fit = trainer(max_epochs=2)
     fit.fit(module, data)
@@ -60,7 +60,7 @@ def test_vision_language_clip(tmp_path: Path, mode: str) -> None:
     )
     task_type = "pair_classification" if mode == "pair" else "matching"
     bank = str(tmp_path / "bank")
-    module = ExpertTrainingModule(clip, {"kind": "lora", "r": 2}, "vl", bank, task_type=task_type, lr=1e-2)
+    module = ExpertTrainingModule(clip, bank, "vl", {"kind": "lora", "r": 2}, task_type=task_type, lr=1e-2)
     fit = trainer(max_epochs=2)
     fit.fit(module, data)
     assert 0.0 <= fit.test(module, data, verbose=False)[0]["test_acc"] <= 1.0
@@ -75,7 +75,7 @@ def test_image_classification_on_clip_vision(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 255, (40, 16, 16), dtype=np.uint8)
     np.savez(tmp_path / "x.npz", images=images, labels=np.arange(40) % 2)
     data = ImageClassificationDataModule(str(tmp_path / "x.npz"), "imgs", image_size=16, batch_size=8)
-    module = ExpertTrainingModule(clip, {"kind": "adapter", "bottleneck": 4}, "imgs", str(tmp_path / "bank"))
+    module = ExpertTrainingModule(clip, str(tmp_path / "bank"), "imgs", {"kind": "adapter", "bottleneck": 4})
     trainer(max_epochs=1).fit(module, data)
     assert torch.isfinite(torch.tensor(trainer().test(module, data, verbose=False)[0]["test_loss"]))
 
@@ -139,7 +139,7 @@ def test_vision_language_dual_encoder_stages(tiny_backbone: str, tmp_path: Path,
 
     tasks = {"a": ["w10", "w11"], "b": ["w12", "w13"], "target": ["w13", "w10"]}
     for name, classes in tasks.items():
-        module = ExpertTrainingModule(dual, {"kind": "lora", "r": 2}, name, bank, task_type="matching", lr=1e-2)
+        module = ExpertTrainingModule(dual, bank, name, {"kind": "lora", "r": 2}, task_type="matching", lr=1e-2)
         trainer(max_epochs=1).fit(module, data(name, classes))
         embed = TaskEmbeddingModule(dual, bank, name, task_type="matching")
         trainer(inference_mode=False).predict(embed, datamodule=data(name, classes))
@@ -150,7 +150,7 @@ def test_vision_language_dual_encoder_stages(tiny_backbone: str, tmp_path: Path,
     assert stored.backbone.family == "dual" and stored.backbone.source == dual
     assert stored.head is not None and stored.head["image_proj.weight"].shape == (32, 24)  # into the text width
 
-    target = data("target", tasks["target"], shots_per_class=4)
+    target = data("target", tasks["target"], shots=4)
     module = InterpolationModule(dual, bank, "target", k=2, task_type="matching", lr=1e-2)
     fit = trainer(max_epochs=2)
     fit.fit(module, target)
@@ -193,7 +193,7 @@ def test_unseen_classes_take_no_part_in_the_training_loss(
     npz = str(_class_images(tmp_path / "colours.npz", ["w10", "w11", "w12", "w13"]))
     data = VisionLanguageDataModule(npz, dual, "open", mode="matching", caption_template="w1 {}", image_size=16,
                                     batch_size=8, unseen_classes=["w13", "w11"])  # fmt: skip
-    module = ExpertTrainingModule(dual, {"kind": "lora", "r": 2}, "open", None, task_type="matching", lr=1e-2)
+    module = ExpertTrainingModule(dual, None, "open", {"kind": "lora", "r": 2}, task_type="matching", lr=1e-2)
     losses: list[float] = []
     original = module._loss
 
@@ -222,7 +222,7 @@ def test_source_check_follows_the_trainers_precision(tmp_path: Path, tiny_effici
     Trainer does (a plain CNN does not cast its input to its weights' dtype)."""
     npz = _class_images(tmp_path / "x.npz", ["red", "green", "blue"])
     data = ImageClassificationDataModule(str(npz), "colours", image_size=16, batch_size=8)
-    module = ExpertTrainingModule("efficientnet-lite0", {"kind": "adapter", "bottleneck": 4}, "colours", lr=1e-2)
+    module = ExpertTrainingModule("efficientnet-lite0", None, "colours", {"kind": "adapter", "bottleneck": 4}, lr=1e-2)
     fit = trainer(max_epochs=2, precision=precision)
     fit.fit(module, data)
     tested = fit.test(module, data, verbose=False)[0]["test_acc"]
@@ -243,15 +243,15 @@ def test_vision_pipeline_in_bf16(tmp_path: Path, tiny_efficientnet: None, settin
     adapter = {"kind": "adapter", "bottleneck": 4}
     for name, classes in {"rg": ["red", "green"], "bw": ["blue", "white"]}.items():
         data = ImageClassificationDataModule(npz, name, classes=classes, image_size=16, batch_size=8)
-        module = ExpertTrainingModule("efficientnet-lite0", adapter, name, bank, lr=1e-2, **dtype)
+        module = ExpertTrainingModule("efficientnet-lite0", bank, name, adapter, lr=1e-2, **dtype)
         trainer(max_epochs=1, **fit_options).fit(module, data)
         embed = TaskEmbeddingModule("efficientnet-lite0", bank, name, **dtype)
         trainer(inference_mode=False, **fit_options).predict(embed, datamodule=data)
         assert embed.embedding is not None and all(v.dtype == torch.float32 for v in embed.embedding.values())
     target = ImageClassificationDataModule(
-        npz, "target", classes=["red", "blue"], image_size=16, batch_size=4, shots_per_class=6, holdout_shots=2
+        npz, "target", classes=["red", "blue"], image_size=16, batch_size=4, shots=6, holdout_shots=2
     )
-    alone = ExpertTrainingModule("efficientnet-lite0", adapter, "target", bank, lr=1e-2, **dtype)
+    alone = ExpertTrainingModule("efficientnet-lite0", bank, "target", adapter, lr=1e-2, **dtype)
     trainer(max_epochs=1, **fit_options).fit(alone, target)
     checked = evaluate_quality(alone, target.test_dataloader())
     assert 0.0 <= checked.acc <= 1.0
@@ -278,19 +278,19 @@ def test_non_finite_inputs_and_losses_stop_training_naming_task_and_batch(
     np.savez(tmp_path / "nan.npz", images=images, labels=np.arange(40) % 2)
     data = ImageClassificationDataModule(str(tmp_path / "nan.npz"), "nan_imgs", image_size=16, batch_size=40)
     bank = str(tmp_path / "bank")
-    module = ExpertTrainingModule(clip, {"kind": "adapter", "bottleneck": 4}, "nan_imgs", bank)
+    module = ExpertTrainingModule(clip, bank, "nan_imgs", {"kind": "adapter", "bottleneck": 4})
     with pytest.raises(NonFiniteError, match=r"task 'nan_imgs' at epoch 0, batch 0; the batch's inputs hold NaN"):
         trainer(max_epochs=1).fit(module, data)
     assert "nan_imgs" not in ExpertBank(bank)
     np.savez(tmp_path / "clean.npz", images=np.nan_to_num(images), labels=np.arange(40) % 2)
     clean = ImageClassificationDataModule(str(tmp_path / "clean.npz"), "nan_imgs", image_size=16, batch_size=40)
-    trainer(max_epochs=1).fit(ExpertTrainingModule(clip, {"kind": "adapter", "bottleneck": 4}, "nan_imgs", bank), clean)
+    trainer(max_epochs=1).fit(ExpertTrainingModule(clip, bank, "nan_imgs", {"kind": "adapter", "bottleneck": 4}), clean)
     with pytest.raises(NonFiniteError, match=r"Fisher embedding of task 'nan_imgs' met NaN or inf in batch 0"):
         trainer(inference_mode=False).predict(TaskEmbeddingModule(clip, bank, "nan_imgs"), datamodule=data)
     assert not ExpertBank(bank).entry("nan_imgs").has_embedding
 
     text = text_data(tasks["close"], tiny_backbone, "close", max_train_examples=32)
-    diverged = ExpertTrainingModule(tiny_backbone, {"kind": "lora", "r": 2}, "close", bank)
+    diverged = ExpertTrainingModule(tiny_backbone, bank, "close", {"kind": "lora", "r": 2})
     monkeypatch.setattr(diverged, "_loss", lambda logits, labels: logits.sum() * float("inf"))
     with pytest.raises(NonFiniteError, match=r"task 'close' .* inputs are finite, so training diverged: lower the"):
         trainer(max_epochs=1).fit(diverged, text)
@@ -300,7 +300,7 @@ def test_non_finite_inputs_and_losses_stop_training_naming_task_and_batch(
         zero = logits - logits.detach()  # 0, with a gradient path; the square root's gradient at 0 is inf
         return torch.nn.functional.cross_entropy(logits, labels) + 0.0 * zero.abs().sqrt().sum()
 
-    nan_grads = ExpertTrainingModule(tiny_backbone, {"kind": "lora", "r": 2}, "close", bank)
+    nan_grads = ExpertTrainingModule(tiny_backbone, bank, "close", {"kind": "lora", "r": 2})
     monkeypatch.setattr(nan_grads, "_loss", finite_loss_nan_gradients)
     with pytest.raises(NonFiniteError, match=r"gradients are NaN or inf on task 'close' at epoch 0, batch 0, although"):
         trainer(max_epochs=1).fit(nan_grads, text)

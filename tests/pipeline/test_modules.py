@@ -21,7 +21,7 @@ EXPERT = {"kind": "lora", "r": 4, "alpha": 8}
 def _train(backbone: str, data_path: str, name: str, bank: str) -> ExpertTrainingModule:
     pl.seed_everything(0, verbose=False)
     data = text_data(data_path, backbone, name, max_train_examples=96)
-    module = ExpertTrainingModule(backbone, EXPERT, name, bank, lr=1e-2)
+    module = ExpertTrainingModule(backbone, bank, name, EXPERT, lr=1e-2)
     trainer(max_epochs=2).fit(module, data)
     return module
 
@@ -67,9 +67,9 @@ def test_k_zero_reduces_to_single_expert_training(tiny_backbone: str, tasks: dic
     results = []
     for cls in ("single", "interpolate"):
         pl.seed_everything(5, verbose=False)
-        data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8, seed=5, batch_size=8)
+        data = text_data(tasks["target"], tiny_backbone, "target", shots=8, seed=5, batch_size=8)
         if cls == "single":
-            module = ExpertTrainingModule(tiny_backbone, EXPERT, "alone", bank_path, lr=1e-2)
+            module = ExpertTrainingModule(tiny_backbone, bank_path, "alone", EXPERT, lr=1e-2)
         else:
             module = InterpolationModule(
                 tiny_backbone, bank_path, "template", k=0, lr=1e-2, head_init="fresh", output_name="alone_pi"
@@ -94,14 +94,14 @@ def test_bf16_mixed_in_all_three_stages(tiny_backbone: str, tasks: dict[str, str
     for name in ("close", "far1"):
         data = text_data(tasks[name], tiny_backbone, name, max_train_examples=64)
         trainer(max_epochs=1, precision="bf16-mixed").fit(
-            ExpertTrainingModule(tiny_backbone, EXPERT, name, bank, lr=1e-2), data
+            ExpertTrainingModule(tiny_backbone, bank, name, EXPERT, lr=1e-2), data
         )
         trainer(inference_mode=False, precision="bf16-mixed").predict(
             TaskEmbeddingModule(tiny_backbone, bank, name), datamodule=data
         )
     emb = ExpertBank(bank).get("close").embedding
     assert emb is not None and all(v.dtype == torch.float32 for v in emb.values())
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=8)
     module = InterpolationModule(tiny_backbone, bank, "close", k=1, lr=1e-2)
     trainer(max_epochs=1, precision="bf16-mixed").fit(module, data)
     assert module.selected[0][0] == "far1" and "close_pi" in ExpertBank(bank)
@@ -112,7 +112,7 @@ def test_bf16_backbone_and_bf16_true(tiny_backbone: str, tasks: dict[str, str], 
     Fisher still accumulates in fp32."""
     bank = str(tmp_path / "bank")
     data = text_data(tasks["close"], tiny_backbone, "close", max_train_examples=64)
-    module = ExpertTrainingModule(tiny_backbone, EXPERT, "close", bank, lr=1e-2, backbone_dtype="bfloat16")
+    module = ExpertTrainingModule(tiny_backbone, bank, "close", EXPERT, lr=1e-2, backbone_dtype="bfloat16")
     trainer(max_epochs=1).fit(module, data)
     embeddings = {}
     for precision in ("32-true", "bf16-true"):
@@ -131,7 +131,7 @@ def test_errors_write_nothing(tiny_backbone: str, tasks: dict[str, str], tmp_pat
     _train(tiny_backbone, tasks["close"], "close", bank_path)
     bank = ExpertBank(bank_path)
     names = bank.names()
-    data = text_data(tasks["target"], tiny_backbone, "target", shots_per_class=8)
+    data = text_data(tasks["target"], tiny_backbone, "target", shots=8)
     with pytest.raises(BankError, match="has no task embedding"):
         trainer(max_epochs=1).fit(InterpolationModule(tiny_backbone, bank_path, "close", k=1), data)
     _embed(tiny_backbone, bank_path, "close", tasks["close"])
@@ -161,10 +161,39 @@ def test_errors_write_nothing(tiny_backbone: str, tasks: dict[str, str], tmp_pat
 def test_fit_with_bare_dataloaders(tiny_backbone: str, tasks: dict[str, str], tmp_path: Path) -> None:
     data = text_data(tasks["close"], tiny_backbone, "close", max_train_examples=32)
     data.setup()
-    module = ExpertTrainingModule(tiny_backbone, EXPERT, "bare", str(tmp_path / "bank"), num_classes=2)
+    module = ExpertTrainingModule(tiny_backbone, str(tmp_path / "bank"), "bare", EXPERT, num_classes=2)
     trainer(max_epochs=1).fit(module, train_dataloaders=data.train_dataloader())
     stored = ExpertBank(str(tmp_path / "bank")).get("bare")
     assert stored.task.name == "bare" and stored.head is not None
+
+
+def test_every_stage_module_takes_backbone_bank_and_name_first() -> None:
+    import inspect
+
+    first = {
+        cls: list(inspect.signature(cls.__init__).parameters)[1:4]
+        for cls in (ExpertTrainingModule, TaskEmbeddingModule, InterpolationModule)
+    }
+    assert first == {
+        ExpertTrainingModule: ["backbone", "bank", "expert_name"],
+        TaskEmbeddingModule: ["backbone", "bank", "expert_name"],
+        InterpolationModule: ["backbone", "bank", "target"],
+    }
+
+
+@pytest.mark.parametrize(
+    "old", [("EXPERT", "name", "BANK"), ("EXPERT",), ("None", "name", "BANK")], ids=["full", "expert", "no-expert"]
+)
+def test_the_earlier_argument_order_still_works_with_a_deprecation(
+    old: tuple[str, ...], tiny_backbone: str, tmp_path: Path
+) -> None:
+    values = {"EXPERT": EXPERT, "BANK": str(tmp_path / "bank"), "name": "name", "None": None}
+    args = [values[a] for a in old]
+    with pytest.warns(DeprecationWarning, match=r"old argument order.*\(backbone, bank, expert_name, expert\)"):
+        module = ExpertTrainingModule(tiny_backbone, *args, num_classes=2)
+    assert module.bank_location == (str(tmp_path / "bank") if len(old) == 3 else None)
+    assert module.expert_name == ("name" if len(old) == 3 else "expert")
+    assert module.expert_config.kind == "lora" and module.hparams["bank"] == module.bank_location
 
 
 @pytest.mark.parametrize("bar", ["tqdm", "rich"])
@@ -175,7 +204,7 @@ def test_the_fisher_pass_progress_bar_says_fisher(
 
     bank = str(tmp_path / "bank")
     data = text_data(tasks["close"], tiny_backbone, "close", max_train_examples=32)
-    trainer(max_epochs=1).fit(ExpertTrainingModule(tiny_backbone, EXPERT, "close", bank, lr=1e-2), data)
+    trainer(max_epochs=1).fit(ExpertTrainingModule(tiny_backbone, bank, "close", EXPERT, lr=1e-2), data)
     progress = TQDMProgressBar() if bar == "tqdm" else RichProgressBar()
     pl.Trainer(accelerator="cpu", logger=False, inference_mode=False, callbacks=[progress]).predict(
         TaskEmbeddingModule(tiny_backbone, bank, "close"), datamodule=data

@@ -2,13 +2,14 @@
 
 Every DataModule reads a Hugging Face dataset name (``datasets.load_dataset``) or local files (csv / jsonl / json /
 parquet, and per modality image folders or ``.npz`` arrays), splits it deterministically, optionally keeps
-``shots_per_class`` training examples per class (seeded), and reports the task's metadata for the bank.
+``shots`` training examples per class (seeded), and reports the task's metadata for the bank.
 """
 
 from __future__ import annotations
 
 import numbers
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,8 @@ class TaskDataModule(pl.LightningDataModule):
 
     Args:
         task_name: the task's name in the bank.
-        shots_per_class: keep this many training examples per class (k-shot, sampled with ``seed``); ``None`` keeps
-            the full training split.
+        shots: keep this many training examples per class (k-shot, sampled with ``seed``); ``None`` keeps the full
+            training split. The same name as the suite's ``shots`` and the bank's ``TaskInfo.shots``.
         holdout_shots: of each class's shots, hold this many out as the validation split (early stopping or
             interpolation weights learned on data the experts did not train on, without using more labels than the
             k shots); ``0`` keeps the validation split carved from the full training data.
@@ -156,7 +157,7 @@ class TaskDataModule(pl.LightningDataModule):
             ``max_eval_examples`` cap; fixed per task, whatever ``seed``.
         val_fraction: share of the training data held out for validation when there is no ``validation`` split.
         test_fraction: share of the training data held out for testing when there is no ``test`` split.
-        max_train_examples: cap the training split (full-data tasks; ignored with ``shots_per_class``).
+        max_train_examples: cap the training split (full-data tasks; ignored with ``shots``).
         max_eval_examples: cap the validation and the test split.
         batch_size: training batch size.
         eval_batch_size: validation, test and embedding batch size (default ``batch_size``).
@@ -169,6 +170,8 @@ class TaskDataModule(pl.LightningDataModule):
             of their images or texts in training (open-vocabulary evaluation).
         encoding: text encoding of local csv / tsv / jsonl / json files (``latin-1``, ``cp1252`` ...); a file that
             does not decode with it is an error naming the line.
+        shots_per_class: deprecated spelling of ``shots`` (a :class:`DeprecationWarning`; removed in the next
+            release).
     """
 
     modality = "other"
@@ -185,7 +188,7 @@ class TaskDataModule(pl.LightningDataModule):
         self,
         *,
         task_name: str,
-        shots_per_class: int | None = None,
+        shots: int | None = None,
         holdout_shots: int = 0,
         seed: int = 0,
         split_seed: int = 0,
@@ -199,20 +202,34 @@ class TaskDataModule(pl.LightningDataModule):
         label_names: Sequence[str] | None = None,
         unseen_classes: Sequence[str] = (),
         encoding: str = "utf-8",
+        shots_per_class: int | None = None,
     ) -> None:
         super().__init__()
-        if shots_per_class is not None and shots_per_class < 1:
-            raise ConfigError(f"shots_per_class must be >= 1 or None (full data), got {shots_per_class}.")
+        if shots_per_class is not None:
+            if shots is not None:
+                raise ConfigError(
+                    f"shots={shots} and shots_per_class={shots_per_class} are given; pass only shots (the number of "
+                    "training examples per class; shots_per_class is its deprecated spelling)."
+                )
+            warnings.warn(
+                "shots_per_class is deprecated and will be removed in the next release; pass shots (the same number: "
+                "training examples per class).",
+                DeprecationWarning,
+                stacklevel=3,  # the caller of the modality DataModule,
+            )
+            shots = shots_per_class
+        if shots is not None and shots < 1:
+            raise ConfigError(f"shots must be >= 1 or None (full data), got {shots}.")
         for option, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{option} must be in [0, 1), got {value}.")
         self.task_name = task_name
-        if holdout_shots < 0 or (holdout_shots and (shots_per_class is None or holdout_shots >= shots_per_class)):
+        if holdout_shots < 0 or (holdout_shots and (shots is None or holdout_shots >= shots)):
             raise ConfigError(
-                f"holdout_shots={holdout_shots} must be 0, or below shots_per_class={shots_per_class} (it holds out "
-                "part of each class's shots as the validation split)."
+                f"holdout_shots={holdout_shots} must be 0, or below shots={shots} (it holds out part of each class's "
+                "shots as the validation split)."
             )
-        self.shots_per_class = shots_per_class
+        self.shots = shots
         self.holdout_shots = holdout_shots
         self.seed = seed
         self.split_seed = split_seed
@@ -317,7 +334,7 @@ class TaskDataModule(pl.LightningDataModule):
         parts["train"] = train
         if self.unseen_classes:
             self._hide_unseen(parts, index)
-        if self.shots_per_class is not None:
+        if self.shots is not None:
             held = {split: len(part[1]) for split, part in parts.items() if split != "train"}
             parts["train"] = self._k_shot(parts["train"], held)
             if self.holdout_shots:
@@ -352,9 +369,9 @@ class TaskDataModule(pl.LightningDataModule):
     def _k_shot(
         self, part: tuple[list[Any], list[int]], held: Mapping[str, int] | None = None
     ) -> tuple[list[Any], list[int]]:
-        """``shots_per_class`` examples of each class (seeded); ``held``: the sizes of the splits held out of the
+        """``shots`` examples of each class (seeded); ``held``: the sizes of the splits held out of the
         training data, for the message when a class has too few."""
-        assert self.shots_per_class is not None
+        assert self.shots is not None
         rng = random.Random(self.seed)
         by_class: dict[int, list[int]] = {}
         for i, y in enumerate(part[1]):
@@ -362,15 +379,15 @@ class TaskDataModule(pl.LightningDataModule):
         chosen: list[int] = []
         for y in sorted(by_class):
             pool = by_class[y]
-            if len(pool) < self.shots_per_class:
+            if len(pool) < self.shots:
                 out = ", ".join(f"{n} for {split}" for split, n in sorted((held or {}).items()))
                 raise DataError(
                     f"Task {self.task_name!r}: class {self.label_names[y]!r} has {len(pool)} training examples, fewer "
-                    f"than shots_per_class={self.shots_per_class}"
+                    f"than shots={self.shots}"
                     + (f" (what remains after holding out {out})" if out else "")
                     + "; lower the shots or add data."
                 )
-            chosen += rng.sample(pool, self.shots_per_class)
+            chosen += rng.sample(pool, self.shots)
         rng.shuffle(chosen)
         return [part[0][i] for i in chosen], [part[1][i] for i in chosen]
 
@@ -399,7 +416,7 @@ class TaskDataModule(pl.LightningDataModule):
             modality=self.modality,
             label_names=list(self.label_names),
             num_examples=len(self.splits["train"][1]),
-            shots=self.shots_per_class,
+            shots=self.shots,
         )
 
     # ------------------------------------------------------------------ loaders

@@ -27,7 +27,7 @@ class TextClassificationDataModule(TaskDataModule):
         text_to_text: encode labels as target text (``label_names``) for encoder-decoder backbones (T5); batches
             then carry ``decoder_input_ids`` and token ``labels``.
         dataset_config: the Hugging Face dataset config name, if any.
-        **kwargs: :class:`~pituning.data.base.TaskDataModule` options (``shots_per_class``, ``seed``, splits,
+        **kwargs: :class:`~pituning.data.base.TaskDataModule` options (``shots``, ``seed``, splits,
             batch sizes, ``label_names``).
     """
 

