@@ -16,6 +16,11 @@ __all__ = ["BACKBONE_DTYPES", "StageModule", "non_finite_inputs"]
 #: ``backbone_dtype`` option -> dtype of the frozen backbone (``None``: as stored).
 BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}
 
+DIVERGED_ADVICE = (
+    "lower the learning rate (optim.lr), or compute in float32 instead of 16-bit (trainer.precision, backbone_dtype)"
+)
+"""What to do when training diverges (NaN or inf from finite inputs): one wording for the loss and gradient checks."""
+
 
 def non_finite_inputs(batch: dict[str, Any]) -> list[str]:
     """The floating-point tensors of ``batch`` that hold NaN or inf, by name."""
@@ -64,8 +69,8 @@ class StageModule(pl.LightningModule):
             return
         raise NonFiniteError(
             f"The gradients are NaN or inf on task {self.task_label()!r} at epoch {self.current_epoch}, batch "
-            f"{batch_idx}, although the loss was finite: training diverged; lower the learning rate (optim.lr) or "
-            "compute in float32 (trainer.precision, backbone_dtype). Stopped before anything was stored."
+            f"{batch_idx}, although the loss was finite: training diverged: {DIVERGED_ADVICE}. Stopped before "
+            "anything was stored."
         )
 
     def refuse_non_finite(self, value: torch.Tensor, batch: dict[str, Any], batch_idx: int, what: str) -> None:
@@ -77,8 +82,7 @@ class StageModule(pl.LightningModule):
         cause = (
             f"the batch's inputs hold NaN or inf ({', '.join(bad)}): clean the data"
             if bad
-            else "the inputs are finite, so training diverged: lower the learning rate (optim.lr), or compute in "
-            "float32 instead of 16-bit (trainer.precision, backbone_dtype)"
+            else f"the inputs are finite, so training diverged: {DIVERGED_ADVICE}"
         )
         raise NonFiniteError(
             f"{what} is {float(value.detach().float().mean())} on task {self.task_label()!r} at epoch "
