@@ -185,7 +185,8 @@ def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
         f"Recipe fingerprint: `{res['recipe']}` (rows of earlier sessions are kept only under the same one).  ",
         f"Complete (target, seed) pairs: **{res['pairs']} of {res['planned_pairs']} planned**.",
         "",
-        f"Measured in {len(res['sessions'])} session(s), {res['seconds'] / 3600:.1f} CPU-hours of wall time in all:",
+        f"Measured in {len(res['sessions'])} session(s), {res['seconds'] / 3600:.1f} hours of wall time on the machine "
+        "above in all:",
         "",
     ]
     for s in res["sessions"]:
