@@ -215,7 +215,7 @@ class TaskDataModule(pl.LightningDataModule):
                 "shots_per_class is deprecated and will be removed in the next release; pass shots (the same number: "
                 "training examples per class).",
                 DeprecationWarning,
-                stacklevel=3,  # the caller of the modality DataModule,
+                stacklevel=3,  # the caller of the modality DataModule
             )
             shots = shots_per_class
         if shots is not None and shots < 1:
