@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,21 @@ def test_a_torn_resume_file_means_recompute(tmp_path: Path, damage: bytes) -> No
     assert json.loads(path.read_text()) == {"a": {"recipe": {"x": 1}, "result": {"acc": 0.5}}}
     assert ResumeCache(path).get("a", {"x": 1}) == {"acc": 0.5} and ResumeCache(path).get("a", {"x": 2}) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.json"]  # no temporary file left
+
+
+def test_progress_estimates_the_time_left_from_the_items_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed suite reads its first items from the cache in no time: the estimate waits for an item that ran and
+    then counts only those, instead of announcing "about 0 s left" or a fraction of the real time."""
+    import pituning.suite as suite
+
+    ticks = [0.0, 0.01, 0.01, 0.02, 0.02, 600.02, 600.02, 1200.02, 1200.02, 1800.02]  # two cached items, then three ran
+    clock = iter(ticks)
+    monkeypatch.setattr(suite, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    said: list[str] = []
+    suite._each(["a", "b", "c", "d", "e"], "sources", said.append, lambda item: item)
+    assert said == [
+        "sources: 1 of 5 done",
+        "sources: 2 of 5 done",
+        "sources: 3 of 5 done, about 20 min left",
+        "sources: 4 of 5 done, about 10 min left",
+    ]

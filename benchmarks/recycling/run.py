@@ -6,7 +6,8 @@ never draws from the source of its own domain. Seeds run one at a time over ever
 interrupted campaign has covered every target before it adds seeds; every part is cached, so the same command resumes
 where it stopped. The results file is written after every (target, seed) pair and is itself the campaign's memory: a
 later session, on a machine without the caches, keeps the rows measured under the same recipe (a fingerprint of the
-backbone, sources, budgets and options) and measures only what is missing::
+backbone, sources, budgets and options; each method's values also need that method's options unchanged) and measures
+only what is missing, a method added since included::
 
     python benchmarks/recycling/run.py --suite text                   # 4 targets x 5 seeds, every method
     python benchmarks/recycling/run.py --suite text --report-only     # tables from what is measured so far
@@ -65,7 +66,7 @@ def build(suite_name: str, work: Path, smoke: bool, seeds: list[int], methods: l
         )
         for t in chosen
     ]
-    options = {"lorahub": {"budget": 4 if smoke else 40}}
+    options = {"lorahub": {"budget": 4 if smoke else 40}, "full_finetune": {"lr": suite.full_ft_lr}}
     return replace(
         cfg,
         targets=targets,
@@ -85,22 +86,28 @@ def load_average() -> list[float]:
 
 
 def recipe(cfg: SuiteConfig, work: Path) -> str:
-    """A fingerprint of everything that decides a measurement (backbone, sources, targets, budgets, options, method
-    options), with the work folder left out: rows measured under the same recipe in an earlier session are
-    comparable."""
-    fields = {k: v for k, v in plain(cfg).items() if k not in ("output", "seeds", "methods")}
+    """A fingerprint of everything that decides every measurement (backbone, sources, targets, budgets, options),
+    with the work folder left out: rows measured under the same recipe in an earlier session are comparable. Each
+    method's own options are not in it: changing them discards that method's values only (:func:`previous`)."""
+    fields = {k: v for k, v in plain(cfg).items() if k not in ("output", "seeds", "methods", "method_options")}
     text = json.dumps(fields, sort_keys=True).replace(str(work), "<work>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def previous(out: Path, fingerprint: str) -> dict[str, Any]:
+def previous(out: Path, fingerprint: str, cfg: SuiteConfig) -> dict[str, Any]:
     """The committed results of earlier sessions (``out``.json) when they were measured under the same recipe, else
-    nothing: the campaign outlives its caches, which a new machine does not have."""
+    nothing: the campaign outlives its caches, which a new machine does not have. A method whose options changed
+    since (``cfg.method_options``) loses its values, to be measured again."""
     try:
         data = json.loads(out.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) and data.get("recipe") == fingerprint else {}
+    if not isinstance(data, dict) or data.get("recipe") != fingerprint:
+        return {}
+    then, now = data.get("method_options", {}), plain(cfg.method_options)
+    changed = {m for m in {*then, *now} if then.get(m, {}) != now.get(m, {})}
+    data["rows"] = [{k: v for k, v in row.items() if k not in changed} for row in data.get("rows", [])]
+    return data
 
 
 def measured_rows(cfg: SuiteConfig, earlier: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,6 +121,9 @@ def measured_rows(cfg: SuiteConfig, earlier: dict[str, Any]) -> list[dict[str, A
             row = dict(kept.get((target.name, seed), {"target": target.name, "seed": seed}))
             base = runs.get(name, {}).get("result")
             if base is not None:
+                again = {m: base[m] for m in ("alone", "pi") if m in row and row[m] != base[m]}
+                if again:  # measured anew for a method added since: the recipe should reproduce it exactly
+                    print(f"warning: {name} measured {again} now, {[row[m] for m in again]} in the committed rows")
                 row.update(alone=base["alone"], pi=base["pi"])
             for method in cfg.methods:
                 measured = runs.get(f"{name}:{method}", {}).get("result")
@@ -130,7 +140,7 @@ def report(
     """Tables from every measured target and seed (earlier sessions' committed rows and this session's caches),
     written to ``out`` (.json, .md, .png). ``session``: this run's command, start, seconds, load and note, added to
     the list of the sessions that measured the rows (``None`` for a report that measured nothing)."""
-    earlier = previous(out, fingerprint)
+    earlier = previous(out, fingerprint, cfg)
     sessions = [s for s in earlier.get("sessions", []) if not session or s["started"] != session["started"]]
     sessions += [session] if session else []
     rows = measured_rows(cfg, earlier)
@@ -154,6 +164,7 @@ def report(
         "machine": machine(),
         "load_average": load_average(),
         "recipe": fingerprint,
+        "method_options": plain(cfg.method_options),
         "seconds": round(sum(s["seconds"] for s in sessions), 1),
         "sessions": sessions,
         "targets": [t.name for t in cfg.targets],
@@ -183,6 +194,8 @@ def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
         f"Targets: {', '.join(res['targets'])}; seeds {res['seeds']}; k={cfg.k}; {cfg.shots} shots per class; "
         f"{cfg.target_epochs} target epochs for every method that trains.  ",
         f"Recipe fingerprint: `{res['recipe']}` (rows of earlier sessions are kept only under the same one).  ",
+        f"Method options: `{json.dumps(res['method_options'], sort_keys=True)}` (a method's values are kept only under "
+        "the same options).  ",
         f"Complete (target, seed) pairs: **{res['pairs']} of {res['planned_pairs']} planned**.",
         "",
         f"Measured in {len(res['sessions'])} session(s), {res['seconds'] / 3600:.1f} hours of wall time on the machine "
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or ([0] if args.smoke else SEEDS)
     work = Path(args.work) / ("smoke" if args.smoke else "full")
     cfg = build(args.suite, work, args.smoke, seeds, [])
-    supported = [m for m in METHODS if cfg.task_type in METHODS[m].task_types]  # matching: no lorahub, arrow
+    supported = [m for m in METHODS if cfg.task_type in METHODS[m].task_types]  # those refitting a head: not matching
     cfg = replace(cfg, methods=args.methods or supported)
     stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"recycling_{args.suite}"
     command = "python benchmarks/recycling/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -312,14 +325,16 @@ def main(argv: list[str] | None = None) -> int:
 
     measured = False
     if not args.report_only:
-        wanted = ["alone", "pi", *cfg.methods]
         for seed in seeds:  # seed-major: every target at this seed before the next seed
             for target in cfg.targets:
-                done = {(r["target"], r["seed"]) for r in measured_rows(cfg, previous(stem, fingerprint))
-                        if all(m in r for m in wanted)}  # fmt: skip
-                if (target.name, seed) in done:
+                rows = {(r["target"], r["seed"]): r for r in measured_rows(cfg, previous(stem, fingerprint, cfg))}
+                row = rows.get((target.name, seed), {})
+                missing = [m for m in cfg.methods if m not in row]
+                if "pi" in row and not missing:
                     continue
-                run_suite(replace(cfg, seeds=[seed], targets=[target]))
+                # a committed row that lacks a method (one added since) gets that method only: the target expert
+                # alone and π-Tuning, which it starts from, are measured again on a machine without the caches
+                run_suite(replace(cfg, seeds=[seed], targets=[target], methods=missing if "pi" in row else cfg.methods))
                 measured = True
                 write()  # after every pair: an interrupted campaign loses at most the pair it was on
     results = write(measuring=measured)

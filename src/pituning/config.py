@@ -210,6 +210,7 @@ BASELINES = ("best_source_init", "uniform_average")
 
 METHOD_NAMES: list[str] = [
     *BASELINES,
+    *("linear_probe", "full_finetune"),
     *("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "concat", "svd", "lorahub", "arrow"),
     *("pi_linear", "pi_layer_weights", "pi_task_weights", "pi_guard", "pi_without_target"),
     *("random_pool", "random_parameters"),
@@ -328,7 +329,8 @@ class SuiteConfig:
     stage, with how many are done and the time left."""
     methods: list[str] = field(default_factory=lambda: ["best_source_init", "uniform_average"])
     """Other ways of reusing the sources, run beside the target expert alone and π-Tuning on the same shots and
-    epochs and reported side by side: ``best_source_init``, ``uniform_average``, the merges (``task_arithmetic``,
+    epochs and reported side by side: the references ``linear_probe`` and ``full_finetune`` (no expert),
+    ``best_source_init``, ``uniform_average``, the merges (``task_arithmetic``,
     ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``concat``, ``svd``), ``lorahub``, ``arrow``,
     π-Tuning's variants (``pi_linear``, ``pi_layer_weights``, ``pi_task_weights``, ``pi_guard``) and the controls
     (``random_pool``, ``random_parameters``, ``pi_without_target``); see docs/recycling.md."""

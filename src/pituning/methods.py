@@ -8,6 +8,8 @@ sources and the ``k`` that π-Tuning ranked first) and returns its test accuracy
 
 The built-in methods (docs/recycling.md describes each, with its reference and options):
 
+- references that reuse nothing: ``linear_probe`` (a linear head fitted on the shots over the frozen backbone) and
+  ``full_finetune`` (every backbone weight and a fresh head trained on the shots);
 - fine-tuned from a start: ``best_source_init`` (the top-ranked source), ``uniform_average`` (the sources'
   parameter average), and the merges ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
   ``magnitude_prune``, ``concat``, ``svd`` of the top-``k`` sources (``finetune: false`` evaluates the merge with a
@@ -39,7 +41,7 @@ import torch
 from pituning.bank import ExpertBank
 from pituning.config import METHOD_NAMES, InterpolationConfig, SuiteConfig, TaskSpec, did_you_mean
 from pituning.errors import ConfigError
-from pituning.pipeline import TrainerFactory, interpolate, rank_zero_first, train_expert
+from pituning.pipeline import TrainerFactory, interpolate, make_trainer, rank_zero_first, train_expert
 
 __all__ = [
     "MERGES",
@@ -261,6 +263,41 @@ def _best_source_init(run: MethodRun) -> MethodResult:
     return _finetune(run, run.ranked[0], "best_source_init", {"sources": run.ranked[:1]})
 
 
+def _linear_probe(run: MethodRun) -> MethodResult:
+    """A linear head fitted on the shots over the frozen backbone's features: no expert, no source."""
+    _gradient_free_only(run, "linear_probe")
+    return _refit_and_test(run, _task_model(run), "linear_probe", {"sources": []})
+
+
+def _full_finetune(run: MethodRun) -> MethodResult:
+    """Every backbone weight and a fresh head trained on the shots for the suite's target epochs: no expert, no
+    source (``lr``: the backbone's learning rate, default 5e-5; the head trains at the suite's ``head_lr``)."""
+    import lightning.pytorch as pl
+
+    from pituning.modules import FullFineTuningModule
+
+    cfg = run.cfg
+    lr = run.options("full_finetune").get("lr", 5e-5)
+    run.say(f"target {run.name}: full_finetune (every backbone weight, lr {lr})")
+    pl.seed_everything(run.seed, verbose=False)
+    module = FullFineTuningModule(
+        cfg.backbone,
+        lr=lr,
+        optim=cfg.optim,
+        backbone_task=cfg.backbone_task,
+        task_type=cfg.task_type,
+        attn_implementation=cfg.attn_implementation,
+    )
+    settings: dict[str, Any] = {"max_epochs": cfg.target_epochs}
+    if cfg.precision == "bf16-true":  # the backbone's own weights train: kept in float32, computed in bf16
+        settings["precision"] = "bf16-mixed"
+    factory = run.trainer or functools.partial(make_trainer, cfg, run.root, f"full_finetune-{run.name}")
+    trainer = factory(**settings)
+    trainer.fit(module, run.datamodule)
+    acc = float(trainer.test(module, run.datamodule, verbose=False)[0]["test_acc"])
+    return MethodResult(acc, {"sources": [], "lr": lr, "head": "fresh", "precision": str(trainer.precision)})
+
+
 def _merge(method: str, run: MethodRun) -> MethodResult:
     opts = run.options(method)
     finetune = bool(opts.pop("finetune", True))
@@ -407,6 +444,18 @@ register_method(
     functools.partial(_merge, "uniform_average"),
     description="the parameter average of the top-k sources, fine-tuned",
     options=("weights", "finetune"),
+)
+register_method(
+    "linear_probe",
+    _linear_probe,
+    description="no expert: a linear head fitted on the shots over the frozen backbone",
+    task_types=("classification",),
+)
+register_method(
+    "full_finetune",
+    _full_finetune,
+    description="no expert: every backbone weight and a fresh head trained on the shots",
+    options=("lr",),
 )
 for _name, _what in {
     "task_arithmetic": "the weighted sum of the top-k sources' updates (task arithmetic)",

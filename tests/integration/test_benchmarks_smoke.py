@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,8 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     results = json.loads(out.with_suffix(".json").read_text())
     from pituning.methods import METHODS
 
-    expected = {m for m in METHODS if suite != "vision_language" or m not in ("lorahub", "arrow")}
+    task_type = "matching" if suite == "vision_language" else "classification"
+    expected = {m for m in METHODS if task_type in METHODS[m].task_types}
     assert set(results["methods"]) == {"alone", "pi", *expected}
     assert results["pairs"] == results["planned_pairs"] >= 1
     assert set(results["pi_minus"]) == set(results["methods"]) - {"pi"}
@@ -196,3 +198,44 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     kept = json.loads(out.with_suffix(".json").read_text())
     assert kept["rows"] == results["rows"] and kept["sessions"] == results["sessions"]
     assert not (tmp_path / "new" / "smoke" / suite / "runs.json").exists()
+    if suite != "text":
+        return
+
+    # a method added since the rows were committed: the next session measures that method only
+    data = json.loads(out.with_suffix(".json").read_text())
+    added = "full_finetune"
+    for row in data["rows"]:
+        del row[added]
+    out.with_suffix(".json").write_text(json.dumps(data))
+    third = subprocess.run(
+        [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(tmp_path / "3"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "warning" not in third.stdout  # the target expert alone and π-Tuning reproduce exactly
+    runs = json.loads((tmp_path / "3" / "smoke" / suite / "runs.json").read_text())
+    assert {key.partition(":")[2] for key in runs if ":" in key} == {added}
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == results["rows"]
+
+
+def test_recycling_campaign_keeps_a_methods_values_only_under_its_options(tmp_path: Path) -> None:
+    """The committed rows are the campaign's memory: a method whose options changed loses its values (to be measured
+    again), every other method keeps them; another recipe keeps nothing."""
+    spec = importlib.util.spec_from_file_location("recycling_run", ROOT / "benchmarks" / "recycling" / "run.py")
+    assert spec is not None and spec.loader is not None
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    rows = [{"target": "t", "seed": 0, "alone": 0.5, "pi": 0.7, "ties": 0.6, "lorahub": 0.65}]
+    committed = {"recipe": "abc", "method_options": {"lorahub": {"budget": 40}}, "rows": rows}
+    (tmp_path / "r.json").write_text(json.dumps(committed))
+
+    def config(options: dict[str, dict[str, int]]) -> object:
+        return types.SimpleNamespace(method_options=options)
+
+    kept = campaign.previous(tmp_path / "r", "abc", config({"lorahub": {"budget": 60}}))
+    assert kept["rows"] == [{"target": "t", "seed": 0, "alone": 0.5, "pi": 0.7, "ties": 0.6}]
+    same = config({"lorahub": {"budget": 40}, "ties": {}})  # no options = the defaults
+    assert campaign.previous(tmp_path / "r", "abc", same)["rows"] == rows
+    assert campaign.previous(tmp_path / "r", "other", same) == {}

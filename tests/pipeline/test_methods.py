@@ -35,7 +35,10 @@ def test_every_method_reports_its_accuracy_and_provenance(results: dict[str, obj
     (row,) = results["rows"]  # type: ignore[misc]
     for method in METHODS:
         assert 0.0 <= row[method] <= 1.0, method
-        assert row["methods"][method]["sources"], method  # every method says which sources it used
+        reuses = method not in ("linear_probe", "full_finetune")  # the two references that reuse no source
+        assert bool(row["methods"][method]["sources"]) == reuses, method  # every method says which sources it used
+    assert row["methods"]["full_finetune"]["lr"] == 5e-5 and row["methods"]["full_finetune"]["head"] == "fresh"
+    assert row["methods"]["linear_probe"]["head"] == "refit"
     assert {row["methods"][m]["head"] for m in ("best_source_init", "ties", "lorahub", "arrow")} <= {
         "source",
         "refit",
@@ -113,3 +116,40 @@ def test_gradient_free_methods_run_on_the_suites_backbone_dtype(
     assert dtypes and set(dtypes) == {torch.bfloat16}
     for method in ("lorahub", "arrow", "ties"):
         assert 0.0 <= row[method] <= 1.0 and row["methods"][method]["head"] == "refit", method
+
+
+def test_full_fine_tuning_trains_every_backbone_weight_and_stores_nothing(
+    tiny_backbone: str, tasks: dict[str, str], tmp_path: Path
+) -> None:
+    """The full fine-tuning reference trains the backbone itself (float32 whatever the suite's backbone_dtype),
+    leaves the bank alone, and refuses a learning rate that is no positive number."""
+    import lightning.pytorch as pl
+
+    from pituning.modules import FullFineTuningModule
+    from pituning.pipeline import make_datamodule
+
+    cfg = SuiteConfig(**tiny_suite(tiny_backbone, tasks, tmp_path / "run", backbone_dtype="bfloat16"))
+    datamodule = make_datamodule(cfg, cfg.targets[0], shots=cfg.shots, seed=0)
+    module = FullFineTuningModule(cfg.backbone, lr=1e-2, optim=cfg.optim, num_classes=2)
+    assert module.task_model is not None
+    before = {n: p.detach().clone() for n, p in module.task_model.experts.backbone.named_parameters()}
+    assert {p.dtype for p in before.values()} == {torch.float32}
+    assert [g["name"] for g in module.param_groups()] == ["backbone", "head"]
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule)
+    after = dict(module.task_model.experts.backbone.named_parameters())
+    moved = [n for n, p in after.items() if not torch.equal(p, before[n])]
+    assert len(moved) > len(after) // 2  # the backbone's own weights trained (not an expert: there is none)
+    assert not module.task_model.experts.experts
+    assert 0.0 <= trainer.test(module, datamodule, verbose=False)[0]["test_acc"] <= 1.0
+    assert not (tmp_path / "run" / "bank").exists()
+    for bad in (0, -1e-5, float("nan"), "2e-5"):
+        with pytest.raises(ConfigError, match="lr must be a positive number"):
+            FullFineTuningModule(cfg.backbone, lr=bad)  # type: ignore[arg-type]

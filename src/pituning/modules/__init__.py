@@ -2,12 +2,13 @@
 
 from pituning.modules.callbacks import RestoreBest
 from pituning.modules.embedding import FisherMetric, TaskEmbeddingModule
-from pituning.modules.expert import ExpertTrainingModule
+from pituning.modules.expert import ExpertTrainingModule, FullFineTuningModule
 from pituning.modules.interpolate import InterpolationModule, select_sources
 
 __all__ = [
     "ExpertTrainingModule",
     "FisherMetric",
+    "FullFineTuningModule",
     "InterpolationModule",
     "RestoreBest",
     "TaskEmbeddingModule",

