@@ -56,6 +56,56 @@ def tweets(root: Path) -> Path:
     return out
 
 
+UNRELATED_POOL = ["americanair", "usairways", "virginamerica", "cars", "coachella", "claritin", "deflategate"]
+"""Tweet domains that no text target is drawn from: the unrelated sources' texts come from these only, so no target's
+test tweets are in a source's training data."""
+
+
+def unrelated_tweets(root: Path, per_class: int = 400) -> dict[str, tuple[Path, list[str]]]:
+    """Tasks on tweets whose labels have nothing to do with sentiment, ``<root>/unrelated/<task>.jsonl`` (``text``,
+    ``label``), from the :data:`UNRELATED_POOL` domains, at most ``per_class`` tweets per class (the first after a
+    seeded shuffle): ``topic`` (cars, coachella, claritin or deflategate), ``carrier`` (which of three airlines),
+    ``length`` (word-count tercile of the pool) and ``hashtag`` (whether it has one). Returns task -> (file, class
+    names)."""
+    import json
+
+    folder = tweets(root)
+    by_domain = {
+        d: [json.loads(line)["text"] for line in (folder / f"{d}.jsonl").read_text().splitlines() if line.strip()]
+        for d in UNRELATED_POOL
+    }
+    pool = [t for d in UNRELATED_POOL for t in by_domain[d]]
+    counts = sorted(len(t.split()) for t in pool)
+    short, long = counts[len(counts) // 3], counts[2 * len(counts) // 3]
+    tasks: dict[str, list[tuple[str, str]]] = {
+        "topic": [(t, d) for d in ("cars", "coachella", "claritin", "deflategate") for t in by_domain[d]],
+        "carrier": [(t, d) for d in ("americanair", "usairways", "virginamerica") for t in by_domain[d]],
+        "length": [
+            (t, "short" if len(t.split()) < short else "long" if len(t.split()) >= long else "medium") for t in pool
+        ],
+        "hashtag": [(t, "hashtag" if "#" in t else "none") for t in pool],
+    }
+    out = root / "unrelated"
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, examples in tasks.items():
+        order = np.random.default_rng(zlib.crc32(name.encode())).permutation(len(examples))
+        per_label: dict[str, int] = {}
+        lines = []
+        for i in order:
+            text, label = examples[i]
+            per_label[label] = per_label.get(label, 0) + 1
+            if per_label[label] <= per_class:
+                lines.append(json.dumps({"text": text, "label": label}))
+        path = out / f"{name}.jsonl"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(path)
+        written[name] = (path, sorted(per_label))
+    return written
+
+
 def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as handle:
         data = handle.read()

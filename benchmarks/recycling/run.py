@@ -12,6 +12,7 @@ only what is missing, a method added since included::
     python benchmarks/recycling/run.py --suite text                   # 4 targets x 5 seeds, every method
     python benchmarks/recycling/run.py --suite text --report-only     # tables from what is measured so far
     python benchmarks/recycling/run.py --suite text --smoke           # a few steps of everything (CI)
+    python benchmarks/recycling/run.py --suite text_unrelated         # the same targets, sources of other labels
 
 Results: ``benchmarks/results/recycling_<suite>.{json,md}`` (+ ``.png``): accuracy per method (mean ± std over
 targets and seeds), paired differences against π-Tuning and against the best other method with 95% bootstrap
@@ -42,9 +43,36 @@ from pituning.methods import METHODS  # noqa: E402
 from pituning.pipeline import plain, quiet  # noqa: E402
 from pituning.report import machine, paired_statistics  # noqa: E402
 
-SUITES = {"text": quality.text_suite, "vision": quality.vision_suite, "vision_language": quality.vision_language_suite}
 TARGETS = {"text": ["jetblue", "southwestair", "apple", "united"]}
 """Targets per suite (default: the quality suite's)."""
+
+
+def unrelated_text_suite(root: Path, smoke: bool) -> quality.Suite:
+    """The text suite's targets (tweet sentiment) with sources that share none of their labels: tweets of other
+    domains labelled by topic, airline, length or hashtag (``benchmarks/quality/data.py``'s ``unrelated_tweets``).
+    Sentiment is in no source, so this is where reusing them can hurt the target."""
+    suite = quality.text_suite(root, smoke)
+    sources = [
+        TaskSpec(name, str(path), {"label_names": names, "max_train_examples": 40 if smoke else 1200})
+        for name, (path, names) in quality.suite_data.unrelated_tweets(root).items()
+    ]
+    folder = quality.suite_data.tweets(root)
+    targets = [TaskSpec(t, str(folder / f"{t}.jsonl")) for t in TARGETS["text"][: 1 if smoke else None]]
+    notes = (
+        "Tweet sentiment targets (jetblue, southwestair, apple, united; 16 tweets per class, 10 epochs) with four "
+        "sources on tweets of other domains whose labels are not sentiment: topic (cars, coachella, claritin, "
+        "deflategate), carrier (americanair, usairways, virginamerica), length (word-count tercile) and hashtag (has "
+        "one or not); 400 tweets per class, at most 1,200 per source, 3 epochs. Otherwise as the text suite."
+    )
+    return replace(suite, config=replace(suite.config, sources=sources), targets=targets, notes=notes)
+
+
+SUITES = {
+    "text": quality.text_suite,
+    "vision": quality.vision_suite,
+    "vision_language": quality.vision_language_suite,
+    "text_unrelated": unrelated_text_suite,
+}
 SEEDS = [0, 1, 2, 3, 4]
 
 
@@ -182,6 +210,7 @@ def report(
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(_markdown(results, cfg))
     _plot(results, out.with_suffix(".png"))
+    write_goals(out.parent)
     return results
 
 
@@ -283,6 +312,85 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{res['suite']} suite, 16-shot")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+VARIANTS_AND_CONTROLS = ("random_pool", "random_parameters", "random_pool_without_target", "pi_without_target")
+"""Not "other methods" for the goal: π-Tuning's variants (``pi_*``) and the controls."""
+GOAL_POINTS = 3.0
+"""The goal's margin, in accuracy points."""
+
+
+def _check(rows: list[dict[str, Any]], ours: str, theirs: str, points: float) -> dict[str, Any] | None:
+    """``ours`` minus ``theirs``, paired over the rows holding both, and whether it is at least ``points`` with its
+    95% interval above zero (``None`` where no row holds both)."""
+    both = [r for r in rows if ours in r and theirs in r]
+    if not both:
+        return None
+    stats = paired_statistics([r[ours] for r in both], [r[theirs] for r in both])
+    return {"ours": ours, "theirs": theirs, **stats, "met": stats["mean"] >= points and stats["ci_low"] > 0}
+
+
+def write_goals(folder: Path) -> dict[str, Any]:
+    """The goal, checked on every suite's results in ``folder`` (``recycling_<suite>.json``), to
+    ``recycling_goals.{json,md}``: π-Tuning at least 3 points above the best other method with its 95% interval above
+    zero; the selected pool without the target expert at least 3 points above a random pool without it; π-Tuning never
+    significantly below the target expert alone (its interval's upper end not below zero)."""
+    suites = {}
+    for path in sorted(folder.glob("recycling_*.json")):
+        res = json.loads(path.read_text())
+        if path.stem == "recycling_goals" or "rows" not in res:
+            continue
+        rows = [r for r in res["rows"] if "pi" in r]
+        others = [m for m in res["methods"] if m != "pi" and not m.startswith("pi_") and m not in VARIANTS_AND_CONTROLS]
+        means = {m: statistics.fmean(r[m] for r in rows if m in r) for m in others if any(m in r for r in rows)}
+        best = max(means, key=lambda m: means[m]) if means else None
+        alone = _check(rows, "pi", "alone", 0.0)
+        suites[res["suite"]] = {
+            "pairs": res["pairs"],
+            "planned_pairs": res["planned_pairs"],
+            "rows": len(rows),
+            "pi_minus_best_other": _check(rows, "pi", best, GOAL_POINTS) if best else None,
+            "selected_minus_random_pool": _check(rows, "pi_without_target", "random_pool_without_target", GOAL_POINTS),
+            "pi_minus_alone": alone and {**alone, "met": alone["ci_high"] >= 0},
+        }
+    goals = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "goal_points": GOAL_POINTS,
+        "suites": suites,
+    }
+    (folder / "recycling_goals.json").write_text(json.dumps(goals, indent=1))
+    (folder / "recycling_goals.md").write_text(_goals_markdown(goals))
+    return goals
+
+
+def _goals_markdown(goals: dict[str, Any]) -> str:
+    def cell(check: dict[str, Any] | None, label: bool = False) -> str:
+        if check is None:
+            return "not measured"
+        text = f"{check['mean']:+.2f} [{check['ci_low']:+.2f}, {check['ci_high']:+.2f}] ({check['n']} pairs)"
+        return (f"{check['theirs']}: " if label else "") + text + (" **met**" if check["met"] else " **not met**")
+
+    lines = [
+        "# Reusing experts: the goal, checked",
+        "",
+        f"Date: {goals['date']}. Written by `python benchmarks/recycling/run.py` from every "
+        "`recycling_<suite>.json` beside it, after each measured pair. Paired differences in accuracy points, mean "
+        "and 95% bootstrap interval, over the (target, seed) pairs that hold both methods. The goals: π-Tuning (the "
+        f"library default) at least {goals['goal_points']:.0f} points above the best other method (π-Tuning's "
+        "variants and the controls are not other methods), interval above zero; the selected pool at least "
+        f"{goals['goal_points']:.0f} points above a random pool when the target expert is left out; π-Tuning never "
+        "significantly below the target expert alone (the interval's upper end at or above zero).",
+        "",
+        "| suite | pairs (complete / planned) | π minus the best other method | selected minus random pool, no "
+        "target expert | π minus the target expert alone |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, g in goals["suites"].items():
+        lines.append(
+            f"| {name} | {g['pairs']} / {g['planned_pairs']} | {cell(g['pi_minus_best_other'], label=True)} | "
+            f"{cell(g['selected_minus_random_pool'])} | {cell(g['pi_minus_alone'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

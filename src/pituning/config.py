@@ -213,7 +213,7 @@ METHOD_NAMES: list[str] = [
     *("linear_probe", "full_finetune"),
     *("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "concat", "svd", "lorahub", "arrow"),
     *("pi_linear", "pi_layer_weights", "pi_task_weights", "pi_guard", "pi_without_target"),
-    *("random_pool", "random_parameters"),
+    *("random_pool", "random_parameters", "random_pool_without_target"),
 ]
 """The names a suite's ``methods`` may use, checked when the config is built: the built-in reuse methods of
 :mod:`pituning.methods`, and every name its ``register_method`` adds."""
@@ -333,7 +333,8 @@ class SuiteConfig:
     ``best_source_init``, ``uniform_average``, the merges (``task_arithmetic``,
     ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``concat``, ``svd``), ``lorahub``, ``arrow``,
     π-Tuning's variants (``pi_linear``, ``pi_layer_weights``, ``pi_task_weights``, ``pi_guard``) and the controls
-    (``random_pool``, ``random_parameters``, ``pi_without_target``); see docs/recycling.md."""
+    (``random_pool``, ``random_parameters``, ``pi_without_target``, ``random_pool_without_target``); see
+    docs/recycling.md."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Options per method, e.g. ``{ties: {density: 0.3}, lorahub: {budget: 60}}``."""
     baselines: list[str] | None = None

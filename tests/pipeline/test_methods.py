@@ -49,6 +49,9 @@ def test_every_method_reports_its_accuracy_and_provenance(results: dict[str, obj
     assert len(row["methods"]["lorahub"]["weights"]) == 2
     assert row["methods"]["random_parameters"]["matched_to"] == row["sources"]
     assert set(row["methods"]["pi_without_target"]["mean_weights"]) == set(row["sources"])
+    alone_random = row["methods"]["random_pool_without_target"]  # the random pool, without the target expert
+    assert alone_random["sources"] == row["methods"]["random_pool"]["sources"]
+    assert set(alone_random["mean_weights"]) == set(alone_random["sources"])
     assert "guard" in row["methods"]["pi_guard"]
     paired = results["paired"]  # π-Tuning against every method, paired
     assert set(paired) == {"alone", *METHODS}  # type: ignore[arg-type]

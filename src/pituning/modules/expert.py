@@ -351,9 +351,9 @@ class FullFineTuningModule(ExpertTrainingModule):
     def __init__(self, backbone: str, *, lr: float = 5e-5, optim: OptimConfig | None = None, **kwargs: Any) -> None:
         if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
             raise ConfigError(f"lr must be a positive number (the backbone's learning rate, e.g. 5e-5), got {lr!r}.")
+        super().__init__(backbone, None, "full_finetune", None, optim=optim, **{**kwargs, "backbone_dtype": None})
         self.backbone_lr = float(lr)
         """The backbone's learning rate."""
-        super().__init__(backbone, None, "full_finetune", None, optim=optim, **{**kwargs, "backbone_dtype": None})
         self.hparams["backbone_lr"] = self.backbone_lr
 
     def add_experts(self, experts: ExpertModel) -> dict[str, Tensor] | None:
