@@ -367,7 +367,8 @@ def _goals_markdown(goals: dict[str, Any]) -> str:
     def cell(check: dict[str, Any] | None, label: bool = False) -> str:
         if check is None:
             return "not measured"
-        text = f"{check['mean']:+.2f} [{check['ci_low']:+.2f}, {check['ci_high']:+.2f}] ({check['n']} pairs)"
+        pairs = f"{check['n']} pair" + ("s" if check["n"] != 1 else "")
+        text = f"{check['mean']:+.2f} [{check['ci_low']:+.2f}, {check['ci_high']:+.2f}] ({pairs})"
         return (f"{check['theirs']}: " if label else "") + text + (" **met**" if check["met"] else " **not met**")
 
     lines = [
