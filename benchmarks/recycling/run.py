@@ -342,7 +342,8 @@ def write_goals(folder: Path) -> dict[str, Any]:
             continue
         rows = [r for r in res["rows"] if "pi" in r]
         others = [m for m in res["methods"] if m != "pi" and not m.startswith("pi_") and m not in VARIANTS_AND_CONTROLS]
-        means = {m: statistics.fmean(r[m] for r in rows if m in r) for m in others if any(m in r for r in rows)}
+        full = [r for r in rows if all(m in r for m in others)]  # the best is chosen on the same pairs for all
+        means = {m: statistics.fmean(r[m] for r in full) for m in others} if full else {}
         best = max(means, key=lambda m: means[m]) if means else None
         alone = _check(rows, "pi", "alone", 0.0)
         suites[res["suite"]] = {
