@@ -502,14 +502,14 @@ register_method(
     options=_INTERPOLATION_OPTIONS,
 )
 register_method(
-    "random_pool_without_target",
-    functools.partial(_random_pool, {"include_target": False}, "random_pool_without_target"),
-    description="control: π-Tuning over k random sources alone (seeded; pi_without_target's counterpart)",
-    options=_INTERPOLATION_OPTIONS,
-)
-register_method(
     "random_parameters",
     _random_parameters,
     description="control: π-Tuning over random experts matched in shape and norm to the selected sources",
+    options=_INTERPOLATION_OPTIONS,
+)
+register_method(
+    "random_pool_without_target",
+    functools.partial(_random_pool, {"include_target": False}, "random_pool_without_target"),
+    description="control: π-Tuning over k random sources alone (seeded; pi_without_target's counterpart)",
     options=_INTERPOLATION_OPTIONS,
 )
