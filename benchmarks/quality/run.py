@@ -549,10 +549,16 @@ class Runner:
         return acc, {"sources": [n for n, _ in pi.selected], "mean_weights": weights}
 
     # ------------------------------------------------------------------ does similarity predict transfer?
-    def transfer(self) -> dict[str, Any]:
+    def transfer(self, committed: dict[str, Any] | None = None) -> dict[str, Any]:
         """For every target (16 shots) and seed: every candidate source's real transfer (fine-tuned from its expert;
-        zero-shot with its head when heads transfer) against three predictors (Fisher at a shared probe, Fisher at
-        each task's own expert, few-shot loss of the source expert); Spearman correlations and top-3 hit rates."""
+        zero-shot with its head when heads transfer) against the predictors (Fisher at a shared probe, Fisher at
+        each task's own expert, few-shot loss of the source expert with its own head where heads transfer, and the
+        source-free ones: :meth:`source_free`); Spearman correlations and top-3 hit rates.
+
+        ``committed``: the runs of a committed study (``transfer_<suite>.json``'s ``runs``): their measured
+        transfers are kept and no source is fine-tuned again, only the predictors are scored; the scores of the
+        predictors the study holds are recomputed and compared with it (:func:`compare_scores`), which checks that
+        this machine rebuilt the same sources and target experts."""
         import lightning.pytorch as pl
 
         from pituning.bank import ExpertBank
@@ -575,11 +581,15 @@ class Runner:
         out: dict[str, Any] = {}
         for target in s.targets:
             for seed in self.seeds:
+                kept = committed.get(f"{target.name}/{seed}") if committed is not None else None
+                if committed is not None and kept is None:
+                    self.say(f"transfer {target.name}/{seed}: not in the committed study, left out")
+                    continue
                 ctx = Target(target, "few", seed, self.target_data(target, "few", seed), probe)
                 self.target_expert(ctx)
                 embed_own(ctx.name, ctx.dm)
                 cands = s.candidates(target)
-                for source in cands:
+                for source in cands if kept is None else []:
                     key = f"transfer/{target.name}/{seed}/{source}"
                     if key in self.done:
                         continue
@@ -605,6 +615,18 @@ class Runner:
                     matching = ctx.dm.candidates() if cfg.task_type == "matching" else None
                     predictors["few_shot_loss"] = dict(rank_by_few_shot_loss(bank, experts, cands, batches,
                                                                              cfg.task_type, matching))  # fmt: skip
+                predictors.update(self.source_free(ctx, cands, experts, batches))
+                scores = {p: {c: v[c] for c in cands if c in v} for p, v in predictors.items()}
+                if kept is not None:
+                    if sorted(kept["sources"]) != sorted(cands):
+                        raise SystemExit(
+                            f"{target.name}/{seed}: the committed study ranked {kept['sources']}, the suite now "
+                            f"{cands}: measure the transfers again (without --rescore)"
+                        )
+                    check = compare_scores(kept["predictors"], scores)
+                    self.say(f"transfer {target.name}/{seed}: committed scores reproduced to {check}")
+                    out[f"{target.name}/{seed}"] = {**kept, "predictors": scores, "reproduced": check}
+                    continue
                 mine = (target.name, seed)
                 rows = {r["source"]: r for r in read_rows(self.results_file)
                         if r.get("method") == "transfer" and (r["target"], r["seed"]) == mine}  # fmt: skip
@@ -612,9 +634,36 @@ class Runner:
                     "sources": cands,
                     "fine_tuned": {c: rows[c]["acc"] for c in cands},
                     "zero_shot": {c: rows[c]["zero_shot"] for c in cands if "zero_shot" in rows[c]},
-                    "predictors": {p: {c: v[c] for c in cands if c in v} for p, v in predictors.items()},
+                    "predictors": scores,
                 }
         return out
+
+    def source_free(
+        self, ctx: Target, cands: list[str], experts: Any, batches: list[Any]
+    ) -> dict[str, dict[str, float]]:
+        """The source-free predictors (:mod:`pituning.recycling.source_free`: they need only the target's shots and
+        each source's weights): ``few_shot_loss_refit``, each source's features read by a linear head fitted on the
+        shots and scored on held-out folds (the same footing for every source, whatever its head), and
+        ``fisher_at_source``, the target's Fisher at each source against its Fisher at the target's own expert.
+        A source that cannot be scored is named and left out."""
+        from pituning.bank import ExpertBank
+        from pituning.recycling.source_free import score_sources
+
+        cfg = self.suite.config
+        matching = {"match_candidates": ctx.dm.candidates()} if cfg.task_type == "matching" else {}
+        bank = ExpertBank(self.bank_dir)
+        options = {
+            "few_shot_loss_refit": {"predictor": "few_shot_loss", "head": "refit"},
+            "fisher_at_source": {"predictor": "fisher_at_source", "reference": ctx.name},
+        }
+        found = {}
+        for name, opts in options.items():
+            report = score_sources(experts, bank, cands, batches, task_type=cfg.task_type, seed=ctx.seed,
+                                   **matching, **opts)  # fmt: skip
+            for source, why in report.unscored.items():
+                self.say(f"{name} {ctx.name}: {source} not scored: {why}")
+            found[name] = dict(report.ranked)
+        return found
 
     def heads_transfer(self) -> bool:
         """Whether a source's head fits the target: every task shares one label set, or the suite's heads are
@@ -747,6 +796,16 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearman_corrcoef(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)))
 
 
+def compare_scores(committed: dict[str, dict[str, float]], now: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per predictor held by both, the largest absolute difference between the committed scores and those computed
+    now (0: the same sources, target experts and embeddings were rebuilt)."""
+    return {
+        p: max(abs(committed[p][c] - now[p][c]) for c in committed[p] if c in now[p])
+        for p in committed
+        if p in now and any(c in now[p] for c in committed[p])
+    }
+
+
 def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path) -> dict[str, Any]:
     """Spearman correlation of each predictor with each transfer measure, and top-3 hit rates, per target/seed."""
     measures = ["fine_tuned", "zero_shot"]
@@ -768,6 +827,11 @@ def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path)
                 top_true = set(sorted(common, key=lambda c: -truth[c])[:3])
                 per[run][f"{pred}|{measure}"] = {"spearman": spearman(x, y), "top3": len(top_pred & top_true) / 3}
     keys = sorted({k for v in per.values() for k in v})
+    reproduced = ", ".join(
+        f"{run}: " + ", ".join(f"{p} {d:.1e}" for p, d in item["reproduced"].items())
+        for run, item in data.items()
+        if "reproduced" in item
+    )
     summary = {}
     for key in keys:
         rhos = [v[key]["spearman"] for v in per.values() if key in v]
@@ -781,9 +845,15 @@ def transfer_report(suite: Suite, data: dict[str, Any], command: str, out: Path)
              "fine-tuned from that source's expert (same shots and steps as every method), and, where heads "
              "transfer, the source expert's zero-shot accuracy on the target's test set. Predictors: Fisher "
              "similarity at a shared random probe, Fisher similarity at each task's own expert (the paper's choice), "
-             "and the source expert's loss on the target's shots. Spearman ρ over the candidate sources, and the "
-             "top-3 hit rate (share of the predictor's top 3 among the 3 best real transfers).", "",
+             "the source expert's loss on the target's shots with its own head (where heads transfer), and two "
+             "source-free predictors that need only the target's shots and each source's weights: the loss of a "
+             "linear head refitted on the source's features, scored on held-out folds (`few_shot_loss_refit`), and "
+             "the target's Fisher at the source against its Fisher at the target's own expert "
+             "(`fisher_at_source`). Spearman ρ over the candidate sources, and the top-3 hit rate (share of the "
+             "predictor's top 3 among the 3 best real transfers).", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}", "",
+             *([f"Transfers kept from the committed study (`--rescore`); its predictors' scores recomputed here, "
+                f"largest difference per predictor: {reproduced}.", ""] if reproduced else []),
              *([f"Left out, every source transferring equally (no ranking to predict): {', '.join(sorted(constant))}.",
                 ""] if constant else []),
              "| predictor | transfer measure | Spearman ρ (mean ± std) | top-3 hit rate | runs |",
@@ -845,6 +915,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--transfer", action="store_true", help="does similarity predict transfer? (every source fine-tuned per target)"
     )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="with --transfer: keep the committed study's measured transfers, score every predictor again (the "
+        "source-free ones included) and check that the committed scores are reproduced",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -866,7 +942,15 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results) if not args.smoke else work / "results"
     command = "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.transfer:
-        transfer_report(suite, runner.transfer(), command, results)
+        committed = None
+        if args.rescore:
+            study = results / f"transfer_{suite.name}.json"
+            if not study.exists():
+                raise SystemExit(
+                    f"--rescore keeps the transfers of {study}, which does not exist: run --transfer first"
+                )
+            committed = json.loads(study.read_text())["runs"]
+        transfer_report(suite, runner.transfer(committed), command, results)
         say(f"results: {results.resolve()}/transfer_{suite.name}.md")
         return 0
     if not args.report:

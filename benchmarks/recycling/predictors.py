@@ -28,6 +28,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 SUITES = ("text", "vision", "vision_language")
+NEEDS = {
+    "fisher_probe": "each source's training data (its Fisher at a shared probe)",
+    "fisher_own": "each source's training data (its Fisher at its own expert)",
+    "few_shot_loss": "each source's weights and head (the target's shots through the source's head, where it fits)",
+    "few_shot_loss_refit": "each source's weights only (a linear head refitted on the shots, held-out folds)",
+    "fisher_at_source": "each source's weights only (the target's Fisher at the source vs at the target's expert)",
+}
+"""What each predictor needs besides the target's shots: the last two are source-free."""
+SOURCE_FREE = ("few_shot_loss_refit", "fisher_at_source")
 
 
 def regret(predicted: dict[str, float], measured: dict[str, float], k: int) -> float:
@@ -134,11 +143,16 @@ def main() -> int:
             f"{t['regret1'][0]:.2f} ± {t['regret1'][1]:.2f} | {t['regret3'][0]:.2f} ± {t['regret3'][1]:.2f} | "
             f"{t['ndcg3'][0]:.2f} ± {t['ndcg3'][1]:.2f} | {summary[key]['runs']} |"
         )
-    lines += [
-        "",
-        "Not yet measured here: the source-free predictors (`few_shot_loss` with a refitted head, `fisher_at_source`) "
-        "against the same transfers; the quality benchmark's transfer study predates them.",
-    ]
+    found = sorted({k.split("|")[1] for k in table})
+    lines += ["", "What each predictor needs besides the target's shots:", ""]
+    lines += [f"- `{p}`: {NEEDS.get(p, 'see the transfer study')}" for p in found]
+    missing = [s for s in SUITES if not any(k.startswith(f"{s}|") and k.split("|")[1] in SOURCE_FREE for k in table)]
+    if missing:
+        lines += [
+            "",
+            f"Source-free predictors not measured yet on: {', '.join(missing)} (`python benchmarks/quality/run.py "
+            "--suite <suite> --transfer --rescore` scores them against the committed transfers).",
+        ]
     (RESULTS / "predictors.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if rows else 1

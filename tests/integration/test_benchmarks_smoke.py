@@ -71,7 +71,18 @@ def test_quality_text_suite_smoke(tmp_path: Path) -> None:
     done = _quality(tmp_path, "--suite", "text", "--transfer")
     assert done.returncode == 0, done.stderr[-3000:]
     transfer = json.loads((tmp_path / "smoke" / "results" / "transfer_text.json").read_text())
-    assert {"fisher_probe|fine_tuned", "fisher_own|zero_shot", "few_shot_loss|fine_tuned"} <= set(transfer["summary"])
+    assert {"fisher_probe|fine_tuned", "fisher_own|zero_shot", "few_shot_loss|fine_tuned",
+            "few_shot_loss_refit|fine_tuned", "fisher_at_source|zero_shot"} <= set(transfer["summary"])  # fmt: skip
+    # --rescore keeps the measured transfers, fine-tunes nothing and reproduces every committed score
+    (tmp_path / "smoke" / "text" / "results.jsonl").unlink()  # the fine-tuned transfers' cache: not needed
+    done = _quality(tmp_path, "--suite", "text", "--transfer", "--rescore")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transfer jetblue/0 from" not in done.stdout
+    again = json.loads((tmp_path / "smoke" / "results" / "transfer_text.json").read_text())
+    (run, item), = again["runs"].items()  # fmt: skip
+    assert item["fine_tuned"] == transfer["runs"][run]["fine_tuned"]
+    assert item["predictors"] == transfer["runs"][run]["predictors"]
+    assert set(item["reproduced"]) == set(item["predictors"]) and not any(item["reproduced"].values())
 
 
 @pytest.mark.slow
