@@ -645,8 +645,10 @@ class Runner:
         each source's weights): ``few_shot_loss_refit``, each source's features read by a linear head fitted on the
         shots and scored on held-out folds (the same footing for every source, whatever its head), and
         ``fisher_at_source``, the target's Fisher at each source against its Fisher at the target's own expert.
-        A source that cannot be scored is named and left out."""
+        A source that cannot be scored is named and left out; so is a predictor the suite's task has no use for
+        (a refitted linear head on a dual encoder's matching head)."""
         from pituning.bank import ExpertBank
+        from pituning.errors import ConfigError
         from pituning.recycling.source_free import score_sources
 
         cfg = self.suite.config
@@ -658,8 +660,12 @@ class Runner:
         }
         found = {}
         for name, opts in options.items():
-            report = score_sources(experts, bank, cands, batches, task_type=cfg.task_type, seed=ctx.seed,
-                                   **matching, **opts)  # fmt: skip
+            try:
+                report = score_sources(experts, bank, cands, batches, task_type=cfg.task_type, seed=ctx.seed,
+                                       **matching, **opts)  # fmt: skip
+            except ConfigError as err:  # head='refit' needs a linear head: a dual encoder's matching head is not
+                self.say(f"{name} {ctx.name}: not measured on this suite: {err}")
+                continue
             for source, why in report.unscored.items():
                 self.say(f"{name} {ctx.name}: {source} not scored: {why}")
             found[name] = dict(report.ranked)
