@@ -31,7 +31,8 @@ SUITES = ("text", "vision", "vision_language")
 NEEDS = {
     "fisher_probe": "each source's training data (its Fisher at a shared probe)",
     "fisher_own": "each source's training data (its Fisher at its own expert)",
-    "few_shot_loss": "each source's weights and head (the target's shots through the source's head, where it fits)",
+    "few_shot_loss": "each source's weights and stored head: the target's shots read through that head where it fits "
+    "the target (the library's default source-free ranking, `rank_sources`), else through a refitted one",
     "few_shot_loss_refit": "each source's weights only (a linear head refitted on the shots, held-out folds)",
     "fisher_at_source": "each source's weights only (the target's Fisher at the source vs at the target's expert)",
 }
@@ -74,11 +75,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def main() -> int:
     rows: list[dict[str, Any]] = []
+    reproduced: dict[str, dict[str, float]] = {}  # suite -> predictor -> largest difference from the committed scores
     for suite in SUITES:
         path = RESULTS / f"transfer_{suite}.json"
         if not path.exists():
             continue
         data = json.loads(path.read_text())
+        for found in data["runs"].values():
+            for predictor, diff in found.get("reproduced", {}).items():
+                worst = reproduced.setdefault(suite, {})
+                worst[predictor] = max(worst.get(predictor, 0.0), diff)
         for run, found in data["runs"].items():
             for measure in ("fine_tuned", "zero_shot"):
                 measured = found.get(measure) or {}
@@ -117,6 +123,7 @@ def main() -> int:
             f"benchmarks/results/transfer_{s}.json" for s in SUITES if (RESULTS / f"transfer_{s}.json").exists()
         ],
         "rows": rows,
+        "reproduced": reproduced,
         "summary": {k: {**table[k], "runs": summary[k]["runs"]} for k in table},
     }
     (RESULTS / "predictors.json").write_text(json.dumps(out, indent=1))
@@ -146,6 +153,18 @@ def main() -> int:
     found = sorted({k.split("|")[1] for k in table})
     lines += ["", "What each predictor needs besides the target's shots:", ""]
     lines += [f"- `{p}`: {NEEDS.get(p, 'see the transfer study')}" for p in found]
+    if reproduced:
+        lines += [
+            "",
+            "The scores come from the transfer studies' last run; where that run kept an earlier run's measured "
+            "transfers and scored the predictors again (`--rescore`), the largest difference from the earlier scores, "
+            "per suite and predictor (0: reproduced exactly; the scores are similarities in [0, 1] or negative "
+            "losses): "
+            + "; ".join(
+                f"{s}: " + ", ".join(f"{p} {d:.1e}" for p, d in sorted(v.items())) for s, v in reproduced.items()
+            )
+            + ".",
+        ]
     missing = [s for s in SUITES if not any(k.startswith(f"{s}|") and k.split("|")[1] in SOURCE_FREE for k in table)]
     if missing:
         lines += [
