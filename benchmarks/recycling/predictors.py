@@ -73,11 +73,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(defined), statistics.pstdev(defined)
 
 
-def main() -> int:
+def main(results: Path = RESULTS) -> int:
+    """Read ``results``/transfer_<suite>.json, write ``results``/predictors.{md,json}; 1 when nothing was ranked."""
     rows: list[dict[str, Any]] = []
     reproduced: dict[str, dict[str, float]] = {}  # suite -> predictor -> largest difference from the committed scores
     for suite in SUITES:
-        path = RESULTS / f"transfer_{suite}.json"
+        path = results / f"transfer_{suite}.json"
         if not path.exists():
             continue
         data = json.loads(path.read_text())
@@ -120,13 +121,13 @@ def main() -> int:
         "command": "python benchmarks/recycling/predictors.py",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "inputs": [
-            f"benchmarks/results/transfer_{s}.json" for s in SUITES if (RESULTS / f"transfer_{s}.json").exists()
+            f"benchmarks/results/transfer_{s}.json" for s in SUITES if (results / f"transfer_{s}.json").exists()
         ],
         "rows": rows,
         "reproduced": reproduced,
         "summary": {k: {**table[k], "runs": summary[k]["runs"]} for k in table},
     }
-    (RESULTS / "predictors.json").write_text(json.dumps(out, indent=1))
+    (results / "predictors.json").write_text(json.dumps(out, indent=1))
     lines = [
         "# Does similarity predict transfer? Ranking measures",
         "",
@@ -172,7 +173,7 @@ def main() -> int:
             f"Source-free predictors not measured yet on: {', '.join(missing)} (`python benchmarks/quality/run.py "
             "--suite <suite> --transfer --rescore` scores them against the committed transfers).",
         ]
-    (RESULTS / "predictors.md").write_text("\n".join(lines) + "\n")
+    (results / "predictors.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if rows else 1
 
