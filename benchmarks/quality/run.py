@@ -9,6 +9,8 @@ measured, so a run can be stopped and resumed, and a lever sweep re-uses the bas
     python benchmarks/quality/run.py --suite vision
     python benchmarks/quality/run.py --suite text --smoke              # seconds: CI's smoke version
     python benchmarks/quality/run.py --suite text --report             # tables from what was measured
+    python benchmarks/quality/run.py --suite text --transfer --seeds 0 # does similarity predict transfer?
+    python benchmarks/quality/run.py --suite text --transfer --rescore --seeds 0  # its predictors only, scored again
 
 Methods (same backbone, shots and step budget): ``linear_probe`` (frozen features, L-BFGS logistic regression to
 convergence), ``lora`` / ``adapter`` / ``prefix`` (one expert from scratch), ``full_ft`` (every backbone weight),
