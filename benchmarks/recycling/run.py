@@ -139,14 +139,16 @@ def previous(out: Path, fingerprint: str, cfg: SuiteConfig) -> dict[str, Any]:
 
 
 def measured_rows(cfg: SuiteConfig, earlier: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per measured (target, seed): the earlier sessions' values, overridden by this session's caches."""
+    """One row per measured (target, seed): the earlier sessions' values, overridden by this session's caches. A run
+    over fewer targets or seeds than the committed rows (``--seeds 0``) keeps the others as they were."""
     runs = json.loads((Path(cfg.output) / "runs.json").read_text()) if (Path(cfg.output) / "runs.json").exists() else {}
     kept = {(r["target"], r["seed"]): r for r in earlier.get("rows", [])}
+    targets, seeds = covered(cfg, earlier)
     rows: list[dict[str, Any]] = []
-    for target in cfg.targets:
-        for seed in cfg.seeds:
-            name = f"{target.name}_s{seed}"
-            row = dict(kept.get((target.name, seed), {"target": target.name, "seed": seed}))
+    for target in targets:
+        for seed in seeds:
+            name = f"{target}_s{seed}"
+            row = dict(kept.get((target, seed), {"target": target, "seed": seed}))
             base = runs.get(name, {}).get("result")
             if base is not None:
                 again = {m: base[m] for m in ("alone", "pi") if m in row and row[m] != base[m]}
@@ -162,6 +164,21 @@ def measured_rows(cfg: SuiteConfig, earlier: dict[str, Any]) -> list[dict[str, A
     return rows
 
 
+def covered(cfg: SuiteConfig, earlier: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """The targets and seeds of this run and of the committed rows, in that order (seeds sorted)."""
+    targets = [t.name for t in cfg.targets]
+    targets += [t for t in dict.fromkeys(r["target"] for r in earlier.get("rows", [])) if t not in targets]
+    seeds = sorted({*cfg.seeds, *(r["seed"] for r in earlier.get("rows", []))})
+    return targets, seeds
+
+
+def method_list(cfg: SuiteConfig, earlier: dict[str, Any]) -> list[str]:
+    """The methods of the tables: the target expert alone, π-Tuning, then the methods of this run and of the
+    committed results in the registry's order (a run of a few methods, ``--methods ties``, keeps the others')."""
+    wanted = {*cfg.methods, *(m for m in earlier.get("methods", []) if m not in ("alone", "pi"))}
+    return ["alone", "pi", *[m for m in METHODS if m in wanted], *sorted(wanted - set(METHODS))]
+
+
 def report(
     cfg: SuiteConfig, suite_name: str, out: Path, fingerprint: str, session: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -172,7 +189,8 @@ def report(
     sessions = [s for s in earlier.get("sessions", []) if not session or s["started"] != session["started"]]
     sessions += [session] if session else []
     rows = measured_rows(cfg, earlier)
-    methods = ["alone", "pi", *cfg.methods]
+    methods = method_list(cfg, earlier)
+    targets, seeds = covered(cfg, earlier)
     complete = [r for r in rows if all(m in r for m in methods)]
     mean = {
         m: (statistics.fmean(r[m] for r in complete), statistics.pstdev(r[m] for r in complete)) if complete else None
@@ -195,11 +213,11 @@ def report(
         "method_options": plain(cfg.method_options),
         "seconds": round(sum(s["seconds"] for s in sessions), 1),
         "sessions": sessions,
-        "targets": [t.name for t in cfg.targets],
-        "seeds": cfg.seeds,
+        "targets": targets,
+        "seeds": seeds,
         "methods": methods,
         "pairs": len(complete),
-        "planned_pairs": len(cfg.targets) * len(cfg.seeds),
+        "planned_pairs": len(targets) * len(seeds),
         "rows": rows,
         "mean": mean,
         "best_other": best,

@@ -246,3 +246,27 @@ def test_recycling_campaign_keeps_a_methods_values_only_under_its_options(tmp_pa
     same = config({"lorahub": {"budget": 40}, "ties": {}})  # no options = the defaults
     assert campaign.previous(tmp_path / "r", "abc", same)["rows"] == rows
     assert campaign.previous(tmp_path / "r", "other", same) == {}
+
+
+def test_recycling_campaign_run_over_fewer_seeds_or_methods_keeps_the_others(tmp_path: Path) -> None:
+    """A run over one seed, or one method, reports the committed rows of every seed and every method's column: the
+    results file is the campaign's memory, and a partial run must not shrink it."""
+    spec = importlib.util.spec_from_file_location("recycling_run", ROOT / "benchmarks" / "recycling" / "run.py")
+    assert spec is not None and spec.loader is not None
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    rows = [
+        {"target": "t_a", "seed": 0, "alone": 0.5, "pi": 0.7, "lorahub": 0.65, "ties": 0.6},
+        {"target": "t_a", "seed": 3, "alone": 0.4, "pi": 0.6, "lorahub": 0.55, "ties": 0.5},
+        {"target": "t_b", "seed": 0, "alone": 0.3, "pi": 0.5},
+    ]
+    earlier = {"rows": rows, "methods": ["alone", "pi", "lorahub", "ties"]}
+    cfg = types.SimpleNamespace(
+        targets=[types.SimpleNamespace(name="t_a")], seeds=[0], methods=["ties"], output=str(tmp_path / "none")
+    )
+    assert campaign.measured_rows(cfg, earlier) == rows
+    assert campaign.covered(cfg, earlier) == (["t_a", "t_b"], [0, 3])
+    from pituning.methods import METHODS
+
+    order = [m for m in METHODS if m in ("ties", "lorahub")]
+    assert campaign.method_list(cfg, earlier) == ["alone", "pi", *order]
