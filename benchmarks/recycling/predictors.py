@@ -82,11 +82,10 @@ def main(results: Path = RESULTS) -> int:
         if not path.exists():
             continue
         data = json.loads(path.read_text())
-        for found in data["runs"].values():
+        for run, found in data["runs"].items():
             for predictor, diff in found.get("reproduced", {}).items():
                 worst = reproduced.setdefault(suite, {})
                 worst[predictor] = max(worst.get(predictor, 0.0), diff)
-        for run, found in data["runs"].items():
             for measure in ("fine_tuned", "zero_shot"):
                 measured = found.get(measure) or {}
                 if len(measured) < 3:
