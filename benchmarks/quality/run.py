@@ -617,7 +617,7 @@ class Runner:
                     matching = ctx.dm.candidates() if cfg.task_type == "matching" else None
                     predictors["few_shot_loss"] = dict(rank_by_few_shot_loss(bank, experts, cands, batches,
                                                                              cfg.task_type, matching))  # fmt: skip
-                predictors.update(self.source_free(ctx, cands, experts, batches))
+                predictors.update(self.source_free(ctx, bank, cands, experts, batches))
                 scores = {p: {c: v[c] for c in cands if c in v} for p, v in predictors.items()}
                 if kept is not None:
                     if sorted(kept["sources"]) != sorted(cands):
@@ -641,21 +641,20 @@ class Runner:
         return out
 
     def source_free(
-        self, ctx: Target, cands: list[str], experts: Any, batches: list[Any]
+        self, ctx: Target, bank: Any, cands: list[str], experts: Any, batches: list[Any]
     ) -> dict[str, dict[str, float]]:
         """The source-free predictors (:mod:`pituning.recycling.source_free`: they need only the target's shots and
         each source's weights): ``few_shot_loss_refit``, each source's features read by a linear head fitted on the
         shots and scored on held-out folds (the same footing for every source, whatever its head), and
         ``fisher_at_source``, the target's Fisher at each source against its Fisher at the target's own expert.
         A source that cannot be scored is named and left out; so is a predictor the suite's task has no use for
-        (a refitted linear head on a dual encoder's matching head)."""
-        from pituning.bank import ExpertBank
+        (a refitted linear head on a dual encoder's matching head). ``bank``: the suite's bank, as
+        :meth:`transfer` opened it."""
         from pituning.errors import ConfigError
         from pituning.recycling.source_free import score_sources
 
         cfg = self.suite.config
         matching = {"match_candidates": ctx.dm.candidates()} if cfg.task_type == "matching" else {}
-        bank = ExpertBank(self.bank_dir)
         options = {
             "few_shot_loss_refit": {"predictor": "few_shot_loss", "head": "refit"},
             "fisher_at_source": {"predictor": "fisher_at_source", "reference": ctx.name},
