@@ -197,19 +197,7 @@ def report(
     rows = measured_rows(cfg, earlier)
     methods = method_list(cfg, earlier)
     targets, seeds = covered(cfg, earlier)
-    complete = [r for r in rows if all(m in r for m in methods)]
-    mean = {
-        m: (statistics.fmean(r[m] for r in complete), statistics.pstdev(r[m] for r in complete)) if complete else None
-        for m in methods
-    }
-    others = [m for m in methods if m != "pi" and mean[m] is not None]
-    best = max(others, key=lambda m: mean[m][0]) if others and complete else None  # type: ignore[index]
-    vs_pi = {m: paired_statistics([r["pi"] for r in complete], [r[m] for r in complete]) for m in others if complete}
-    vs_best = (
-        {m: paired_statistics([r[m] for r in complete], [r[best] for r in complete]) for m in methods if m != best}
-        if best
-        else {}
-    )
+    stats = compare(rows, methods)
     results = {
         "suite": suite_name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -222,13 +210,9 @@ def report(
         "targets": targets,
         "seeds": seeds,
         "methods": methods,
-        "pairs": len(complete),
         "planned_pairs": len(targets) * len(seeds),
         "rows": rows,
-        "mean": mean,
-        "best_other": best,
-        "pi_minus": vs_pi,
-        "minus_best_other": vs_best,
+        **stats,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -236,6 +220,47 @@ def report(
     _plot(results, out.with_suffix(".png"))
     write_goals(out.parent)
     return results
+
+
+def best_of(rows: list[dict[str, Any]], candidates: list[str]) -> str | None:
+    """The candidate with the highest mean accuracy among those measured on the most pairs, compared on the pairs
+    that hold all of them (a method measured on two pairs cannot be "best" over one measured on twenty)."""
+    count = {m: sum(m in r for r in rows) for m in candidates}
+    most = max(count.values(), default=0)
+    if not most:
+        return None
+    widest = [m for m in candidates if count[m] == most]
+    common = [r for r in rows if all(m in r for m in widest)]
+    return max(widest, key=lambda m: statistics.fmean(r[m] for r in common))
+
+
+def compare(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Each method's accuracy over the pairs that hold it (``pairs_of``, ``mean``: mean and std), its paired
+    difference from π-Tuning and from the best other method over the pairs that hold both, and the pair counts:
+    ``pairs``, the (target, seed) pairs measured (π-Tuning and the target expert alone), ``complete_pairs``, those
+    holding every method. A campaign may run a few methods on every pair and every method on a few; no table is cut
+    down to the pairs that hold every method."""
+
+    def paired(ours: str, theirs: str) -> dict[str, Any] | None:
+        both = [r for r in rows if ours in r and theirs in r]
+        return paired_statistics([r[ours] for r in both], [r[theirs] for r in both]) if both else None
+
+    pairs_of = {m: sum(m in r for r in rows) for m in methods}
+    mean = {
+        m: (statistics.fmean(v), statistics.pstdev(v)) if (v := [r[m] for r in rows if m in r]) else None
+        for m in methods
+    }
+    others = [m for m in methods if m != "pi" and pairs_of[m]]
+    best = best_of(rows, others)
+    return {
+        "pairs": len(rows),
+        "complete_pairs": sum(all(m in r for m in methods) for r in rows),
+        "pairs_of": pairs_of,
+        "mean": mean,
+        "best_other": best,
+        "pi_minus": {m: d for m in others if (d := paired("pi", m))},
+        "minus_best_other": {m: d for m in methods if m != best and best and (d := paired(m, best))},
+    }
 
 
 def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
@@ -249,7 +274,9 @@ def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
         f"Recipe fingerprint: `{res['recipe']}` (rows of earlier sessions are kept only under the same one).  ",
         f"Method options: `{json.dumps(res['method_options'], sort_keys=True)}` (a method's values are kept only under "
         "the same options).  ",
-        f"Complete (target, seed) pairs: **{res['pairs']} of {res['planned_pairs']} planned**.",
+        f"Measured (target, seed) pairs: **{res['pairs']} of {res['planned_pairs']} planned**, every method on "
+        f"{res['complete_pairs']} of them (each method's count in its row; a mean is over that method's pairs, a "
+        "difference over the pairs that hold both methods).",
         "",
         f"Measured in {len(res['sessions'])} session(s), {res['seconds'] / 3600:.1f} hours of wall time on the machine "
         "above in all:",
@@ -263,9 +290,11 @@ def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
     lines.append("")
     if not res["pairs"]:
         return "\n".join([*lines, "Nothing measured yet.", ""])
-    lines += ["| method | accuracy (mean ± std) | π-Tuning minus it (points) | 95% interval | Wilcoxon p | π wins |"]
-    lines += ["| --- | --- | --- | --- | --- | --- |"]
-    order = sorted(res["methods"], key=lambda m: -res["mean"][m][0])
+    lines += [
+        "| method | pairs | accuracy (mean ± std) | π-Tuning minus it (points) | 95% interval | Wilcoxon p | π wins |"
+    ]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
+    order = _order(res)
     for m in order:
         mu, sd = res["mean"][m]
         d = res["pi_minus"].get(m)
@@ -279,7 +308,7 @@ def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
             if d
             else ["", "", "", ""]
         )
-        lines.append(f"| {m} | {mu:.4f} ± {sd:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {res['pairs_of'][m]} | {mu:.4f} ± {sd:.4f} | " + " | ".join(cells) + " |")
     best = res["best_other"]
     lines += ["", f"Best method other than π-Tuning: **{best}**. Each method minus it (points):", ""]
     lines += ["| method | mean | 95% interval | Wilcoxon p | wins |", "| --- | --- | --- | --- | --- |"]
@@ -301,6 +330,12 @@ def _markdown(res: dict[str, Any], cfg: SuiteConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _order(res: dict[str, Any]) -> list[str]:
+    """The measured methods, those on the most pairs first, each group by mean accuracy, best first."""
+    measured = [m for m in res["methods"] if res["mean"].get(m)]
+    return sorted(measured, key=lambda m: (-res["pairs_of"][m], -res["mean"][m][0]))
+
+
 def _plot(res: dict[str, Any], path: Path) -> None:
     """Methods x accuracy, with the 95% interval of each method's mean (bootstrap over pairs)."""
     if not res["pairs"]:
@@ -314,10 +349,9 @@ def _plot(res: dict[str, Any], path: Path) -> None:
         return
     from pituning.report import bootstrap_interval
 
-    complete = [r for r in res["rows"] if all(m in r for m in res["methods"])]
-    order = sorted(res["methods"], key=lambda m: res["mean"][m][0])
+    order = _order(res)[::-1]
     means = [res["mean"][m][0] for m in order]
-    lows, highs = zip(*(bootstrap_interval([r[m] for r in complete]) for m in order), strict=True)
+    lows, highs = zip(*(bootstrap_interval([r[m] for r in res["rows"] if m in r]) for m in order), strict=True)
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(order) + 1.2), constrained_layout=True)
     ax.errorbar(
         means,
@@ -331,8 +365,8 @@ def _plot(res: dict[str, Any], path: Path) -> None:
         ecolor="gray",
         capsize=3,
     )
-    ax.set_yticks(range(len(order)), order)
-    ax.set_xlabel(f"test accuracy (mean over {res['pairs']} target-seed pairs, 95% bootstrap interval)")
+    ax.set_yticks(range(len(order)), [f"{m} ({res['pairs_of'][m]})" for m in order])
+    ax.set_xlabel("test accuracy (mean over each method's target-seed pairs, in brackets; 95% bootstrap interval)")
     ax.set_title(f"{res['suite']} suite, 16-shot")
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -366,9 +400,7 @@ def write_goals(folder: Path) -> dict[str, Any]:
             continue
         rows = [r for r in res["rows"] if "pi" in r]
         others = [m for m in res["methods"] if m != "pi" and not m.startswith("pi_") and m not in VARIANTS_AND_CONTROLS]
-        full = [r for r in rows if all(m in r for m in others)]  # the best is chosen on the same pairs for all
-        means = {m: statistics.fmean(r[m] for r in full) for m in others} if full else {}
-        best = max(means, key=lambda m: means[m]) if means else None
+        best = best_of(rows, others)  # among the methods measured on the most pairs, on the pairs holding them all
         alone = _check(rows, "pi", "alone", 0.0)
         suites[res["suite"]] = {
             "pairs": res["pairs"],
@@ -407,7 +439,7 @@ def _goals_markdown(goals: dict[str, Any]) -> str:
         f"{goals['goal_points']:.0f} points above a random pool when the target expert is left out; π-Tuning never "
         "significantly below the target expert alone (the interval's upper end at or above zero).",
         "",
-        "| suite | pairs (complete / planned) | π minus the best other method | selected minus random pool, no "
+        "| suite | pairs (measured / planned) | π minus the best other method | selected minus random pool, no "
         "target expert | π minus the target expert alone |",
         "| --- | --- | --- | --- | --- |",
     ]

@@ -270,3 +270,45 @@ def test_recycling_campaign_run_over_fewer_seeds_or_methods_keeps_the_others(tmp
 
     order = [m for m in METHODS if m in ("ties", "lorahub")]
     assert campaign.method_list(cfg, earlier) == ["alone", "pi", *order]
+
+
+def test_recycling_tables_use_each_methods_pairs_and_pick_the_best_among_the_widest(tmp_path: Path) -> None:
+    """A campaign that ran every method on two pairs and a few methods on four: each method is summarised over the
+    pairs that hold it, each difference over the pairs holding both, and the best other method is chosen among those
+    measured on every pair (a method seen on two lucky pairs is not "best"); the goal table does the same."""
+    spec = importlib.util.spec_from_file_location("recycling_run", ROOT / "benchmarks" / "recycling" / "run.py")
+    assert spec is not None and spec.loader is not None
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    rows = [
+        {"target": "a", "seed": 0, "alone": 0.50, "pi": 0.70, "arrow": 0.72, "ties": 0.90},
+        {"target": "b", "seed": 0, "alone": 0.55, "pi": 0.75, "arrow": 0.74, "ties": 0.95},
+        {"target": "a", "seed": 1, "alone": 0.52, "pi": 0.71, "arrow": 0.73},
+        {"target": "b", "seed": 1, "alone": 0.56, "pi": 0.76, "arrow": 0.70},
+    ]
+    methods = ["alone", "pi", "arrow", "ties"]
+    stats = campaign.compare(rows, methods)
+    assert (stats["pairs"], stats["complete_pairs"]) == (4, 2)
+    assert stats["pairs_of"] == {"alone": 4, "pi": 4, "arrow": 4, "ties": 2}
+    assert stats["best_other"] == "arrow"  # ties' 0.925 rests on two pairs
+    assert stats["pi_minus"]["arrow"]["n"] == 4 and stats["pi_minus"]["ties"]["n"] == 2
+    assert stats["pi_minus"]["ties"]["mean"] == pytest.approx(-20.0)
+    assert stats["mean"]["ties"][0] == pytest.approx(0.925) and stats["mean"]["arrow"][0] == pytest.approx(0.7225)
+    assert set(stats["minus_best_other"]) == {"alone", "pi", "ties"}
+    assert campaign.best_of(rows, ["ties"]) == "ties" and campaign.best_of([], ["ties"]) is None
+
+    res = {"suite": "s", "methods": methods, "rows": rows, "planned_pairs": 20, **stats}
+    (tmp_path / "recycling_s.json").write_text(json.dumps(res))
+    goals = campaign.write_goals(tmp_path)["suites"]["s"]
+    assert goals["pairs"] == 4 and goals["pi_minus_best_other"]["theirs"] == "arrow"
+    assert goals["pi_minus_best_other"]["n"] == 4
+    assert "| s | 4 / 20 |" in (tmp_path / "recycling_goals.md").read_text()
+
+    machine = {"cpu": "cpu", "cpus": 2, "torch": "2"}
+    full = {**res, "date": "d", "machine": machine, "recipe": "r", "method_options": {}, "sessions": [], "seconds": 0,
+            "targets": ["a", "b"], "seeds": [0, 1]}  # fmt: skip
+    page = campaign._markdown(full, types.SimpleNamespace(k=3, shots=16, target_epochs=10))
+    assert "**4 of 20 planned**, every method on 2 of them" in page
+    rows_at = [page.index(f"| {m} | {n} |") for m, n in [("pi", 4), ("arrow", 4), ("alone", 4), ("ties", 2)]]
+    assert rows_at == sorted(rows_at)  # those on every pair by mean, then the rest
+    assert "| ties | 2 | 0.9250 ± 0.0250 | -20.00 |" in page
