@@ -227,13 +227,19 @@ def test_recycling_benchmark_smoke(tmp_path: Path, suite: str) -> None:
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == results["rows"]
 
 
-def test_recycling_campaign_keeps_a_methods_values_only_under_its_options(tmp_path: Path) -> None:
-    """The committed rows are the campaign's memory: a method whose options changed loses its values (to be measured
-    again), every other method keeps them; another recipe keeps nothing."""
+def _campaign_module() -> types.ModuleType:
+    """``benchmarks/recycling/run.py``, imported as a module (its helpers are tested without a campaign)."""
     spec = importlib.util.spec_from_file_location("recycling_run", ROOT / "benchmarks" / "recycling" / "run.py")
     assert spec is not None and spec.loader is not None
     campaign = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(campaign)
+    return campaign
+
+
+def test_recycling_campaign_keeps_a_methods_values_only_under_its_options(tmp_path: Path) -> None:
+    """The committed rows are the campaign's memory: a method whose options changed loses its values (to be measured
+    again), every other method keeps them; another recipe keeps nothing."""
+    campaign = _campaign_module()
     rows = [{"target": "t", "seed": 0, "alone": 0.5, "pi": 0.7, "ties": 0.6, "lorahub": 0.65}]
     committed = {"recipe": "abc", "method_options": {"lorahub": {"budget": 40}}, "rows": rows}
     (tmp_path / "r.json").write_text(json.dumps(committed))
@@ -251,10 +257,7 @@ def test_recycling_campaign_keeps_a_methods_values_only_under_its_options(tmp_pa
 def test_recycling_campaign_run_over_fewer_seeds_or_methods_keeps_the_others(tmp_path: Path) -> None:
     """A run over one seed, or one method, reports the committed rows of every seed and every method's column: the
     results file is the campaign's memory, and a partial run must not shrink it."""
-    spec = importlib.util.spec_from_file_location("recycling_run", ROOT / "benchmarks" / "recycling" / "run.py")
-    assert spec is not None and spec.loader is not None
-    campaign = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(campaign)
+    campaign = _campaign_module()
     rows = [
         {"target": "t_a", "seed": 0, "alone": 0.5, "pi": 0.7, "lorahub": 0.65, "ties": 0.6},
         {"target": "t_a", "seed": 3, "alone": 0.4, "pi": 0.6, "lorahub": 0.55, "ties": 0.5},
@@ -276,10 +279,7 @@ def test_recycling_tables_use_each_methods_pairs_and_pick_the_best_among_the_wid
     """A campaign that ran every method on two pairs and a few methods on four: each method is summarised over the
     pairs that hold it, each difference over the pairs holding both, and the best other method is chosen among those
     measured on every pair (a method seen on two lucky pairs is not "best"); the goal table does the same."""
-    spec = importlib.util.spec_from_file_location("recycling_run", ROOT / "benchmarks" / "recycling" / "run.py")
-    assert spec is not None and spec.loader is not None
-    campaign = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(campaign)
+    campaign = _campaign_module()
     rows = [
         {"target": "a", "seed": 0, "alone": 0.50, "pi": 0.70, "arrow": 0.72, "ties": 0.90},
         {"target": "b", "seed": 0, "alone": 0.55, "pi": 0.75, "arrow": 0.74, "ties": 0.95},
