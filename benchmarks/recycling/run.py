@@ -241,10 +241,6 @@ def compare(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     holding every method. A campaign may run a few methods on every pair and every method on a few; no table is cut
     down to the pairs that hold every method."""
 
-    def paired(ours: str, theirs: str) -> dict[str, Any] | None:
-        both = [r for r in rows if ours in r and theirs in r]
-        return paired_statistics([r[ours] for r in both], [r[theirs] for r in both]) if both else None
-
     pairs_of = {m: sum(m in r for r in rows) for m in methods}
     mean = {
         m: (statistics.fmean(v), statistics.pstdev(v)) if (v := [r[m] for r in rows if m in r]) else None
@@ -258,8 +254,8 @@ def compare(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         "pairs_of": pairs_of,
         "mean": mean,
         "best_other": best,
-        "pi_minus": {m: d for m in others if (d := paired("pi", m))},
-        "minus_best_other": {m: d for m in methods if m != best and best and (d := paired(m, best))},
+        "pi_minus": {m: d for m in others if (d := _paired(rows, "pi", m))},
+        "minus_best_other": {m: d for m in methods if m != best and best and (d := _paired(rows, m, best))},
     }
 
 
@@ -378,13 +374,18 @@ GOAL_POINTS = 3.0
 """The goal's margin, in accuracy points."""
 
 
+def _paired(rows: list[dict[str, Any]], ours: str, theirs: str) -> dict[str, Any] | None:
+    """``ours`` minus ``theirs`` (:func:`paired_statistics`), over the rows holding both (``None`` where none does)."""
+    both = [r for r in rows if ours in r and theirs in r]
+    return paired_statistics([r[ours] for r in both], [r[theirs] for r in both]) if both else None
+
+
 def _check(rows: list[dict[str, Any]], ours: str, theirs: str, points: float) -> dict[str, Any] | None:
     """``ours`` minus ``theirs``, paired over the rows holding both, and whether it is at least ``points`` with its
     95% interval above zero (``None`` where no row holds both)."""
-    both = [r for r in rows if ours in r and theirs in r]
-    if not both:
+    stats = _paired(rows, ours, theirs)
+    if stats is None:
         return None
-    stats = paired_statistics([r[ours] for r in both], [r[theirs] for r in both])
     return {"ours": ours, "theirs": theirs, **stats, "met": stats["mean"] >= points and stats["ci_low"] > 0}
 
 
